@@ -1,0 +1,141 @@
+"""The fedkd ClientApp (Flower Message API).
+
+Thin: each handler reads the resolved config from the message, finds this node's
+partition (``partition-id`` from the node config), and calls the pure core in
+:mod:`fedkd.train`. The same app runs on the local, ray and deployment engines.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedkd import records
+from fedkd.config import Config
+from fedkd.data import label_counts, load_dataset, partition
+from fedkd.errors import UserError
+from fedkd.federation import parse_architectures
+from fedkd.models import FedkdModel, build_model
+from fedkd.train import LocalTrainConfig, derive_seed, evaluate, train_local
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=8)
+def _config(text: str) -> Config:
+    return Config.from_toml(text)
+
+
+def message_config(msg: Message) -> Config:
+    """The resolved run config carried by a server message."""
+    cfg_rec = msg.content.config_records.get(records.CONFIG)
+    if cfg_rec is None or records.RUN_CONFIG not in cfg_rec:
+        raise UserError(f"message has no {records.RUN_CONFIG!r}: is the ServerApp fedkd's?")
+    return _config(str(cfg_rec[records.RUN_CONFIG]))
+
+
+@lru_cache(maxsize=4)
+def _partitions(dataset: str, root: str, download: bool, method: str, kwargs: tuple[tuple[str, object], ...], n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ds = load_dataset(dataset, root, download)
+    labels = ds.y_train.numpy()
+    parts = partition(method, labels, n, seed, **dict(kwargs))
+    counts = torch.as_tensor(label_counts(labels, parts, ds.num_classes))
+    return [torch.as_tensor(p) for p in parts], counts
+
+
+def client_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(x, y, label_counts)`` of partition ``pid`` for this config (cached per process)."""
+    n = cfg.int("clients.num")
+    if not 0 <= pid < n:
+        raise UserError(f"partition-id {pid} is outside [0, {n}) for clients.num={n}")
+    method = cfg.str("partition.name")
+    kwargs = tuple(sorted(cfg.plugin_kwargs("partition", method).items()))
+    parts, counts = _partitions(
+        cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"), method, kwargs, n, cfg.int("seed")
+    )
+    ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    idx = parts[pid]
+    return ds.x_train[idx], ds.y_train[idx], counts[pid].tolist()
+
+
+def partition_id(context: Context) -> int:
+    pid = context.node_config.get(records.PARTITION_ID)
+    if pid is None:
+        raise UserError("this SuperNode has no 'partition-id' in its node config (use --node-config 'partition-id=I num-partitions=N')")
+    return int(pid)
+
+
+def client_model(cfg: Config, pid: int) -> FedkdModel:
+    """A fresh model of this client's architecture."""
+    ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    arch = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))[pid]
+    fd = cfg.int("model.feature-dim") or None
+    return build_model(arch, ds.shape, ds.num_classes, fd)
+
+
+def _setup(msg: Message, context: Context) -> tuple[Config, int]:
+    cfg = message_config(msg)
+    threads = cfg.int("clients.threads")
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return cfg, partition_id(context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Opening handshake: report partition id, architecture and label counts."""
+    cfg, pid = _setup(msg, context)
+    _, _, counts = client_partition(cfg, pid)
+    arch = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))[pid]
+    info = ConfigRecord({records.PARTITION_ID: pid, records.ARCHITECTURE: arch, records.LABEL_COUNTS: counts})
+    return Message(RecordDict({records.INFO: info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on this client's partition, starting from the received weights."""
+    cfg, pid = _setup(msg, context)
+    x, y, counts = client_partition(cfg, pid)
+    model = client_model(cfg, pid)
+    records.load_record(model, msg.content.array_records[records.ARRAYS])
+    conf = msg.content.config_records[records.CONFIG]
+    server_round = int(conf.get("server-round", 0))  # type: ignore[arg-type]
+    local = LocalTrainConfig(
+        epochs=cfg.int("clients.local-epochs"),
+        steps=cfg.int("clients.local-steps"),
+        batch_size=cfg.int("clients.batch-size"),
+        lr=cfg.float("clients.lr"),
+        momentum=cfg.float("clients.momentum"),
+        weight_decay=cfg.float("clients.weight-decay"),
+        proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+    )
+    loss = train_local(model, x, y, local, seed=derive_seed(cfg.int("seed"), pid, server_round))
+    content = RecordDict(
+        {
+            records.ARRAYS: records.to_record(model),
+            records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(x), records.TRAIN_LOSS: loss}),
+            records.INFO: ConfigRecord({records.LABEL_COUNTS: counts}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Federated evaluation of the received weights on this client's local data."""
+    cfg, pid = _setup(msg, context)
+    x, y, _ = client_partition(cfg, pid)
+    model = client_model(cfg, pid)
+    records.load_record(model, msg.content.array_records[records.ARRAYS])
+    loss, acc = evaluate(model, x, y, cfg.int("eval.batch-size"))
+    metrics = MetricRecord({records.NUM_EXAMPLES: len(x), "local-loss": loss, "local-accuracy": acc})
+    return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
+
+
+__all__ = ["app", "client_partition", "message_config", "ArrayRecord"]

@@ -1,0 +1,363 @@
+"""Typed, validated configuration: one flat mapping of kebab-case dotted keys.
+
+Every knob is declared once:
+
+* core keys in :data:`CORE_KEYS` below, with their default, type and help;
+* plug-in keys ``<kind>.<name>.<param>`` by the plug-in's constructor signature, e.g.
+  ``strategy.fedprox.proximal-mu`` ← ``FedProx(proximal_mu=...)``,
+  ``partition.dirichlet.alpha`` ← ``dirichlet(alpha=0.5)``.
+
+``pyproject.toml``'s ``[tool.flwr.app.config]`` (needed by ``flwr run``) is generated from
+these declarations by ``python -m fedkd.config --pyproject`` and kept in sync by a test.
+
+A sim file (TOML) and ``--set KEY=VALUE`` override defaults; the resolved config is
+validated once, here, and every error names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedkd.errors import ConfigError
+from fedkd.registry import Registry, configurable_params
+
+Value = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class Key:
+    """A declared core config key."""
+
+    name: str
+    default: Value
+    help: str
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], bool] | None = None
+    requirement: str = ""
+
+
+def _pos(v: float) -> bool:
+    return v > 0
+
+
+def _nonneg(v: float) -> bool:
+    return v >= 0
+
+
+CORE_KEYS: tuple[Key, ...] = (
+    Key("seed", 0, "Master seed: partitions, model init, sampling and local training derive from it."),
+    Key("rounds", 10, "Number of federated rounds.", check=_pos, requirement="≥ 1"),
+    Key("out", "", "Run directory for `flwr run` (`fedkd run` uses --out); empty: runs/flwr-<time>."),
+    Key("engine", "local", "Simulation engine for `fedkd run`.", choices=("local", "ray")),
+    Key("device", "auto", "Server device: auto (cuda when available), cpu, cuda, cuda:N.",
+        check=lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), requirement="auto, cpu, cuda or cuda:N"),  # fmt: skip
+    Key("dataset.name", "mnist5k", "Registered dataset name (`fedkd list`)."),
+    Key("dataset.root", "", "Local folder for torchvision-backed datasets."),
+    Key("dataset.download", False, "Let torchvision download into dataset.root (needs a network)."),
+    Key("partition.name", "dirichlet", "Registered partitioner; its parameters are partition.<name>.<param>."),
+    Key("clients.num", 10, "Number of clients (SuperNodes).", check=_pos, requirement="≥ 1"),
+    Key("clients.fraction", 1.0, "Fraction of each architecture group's clients sampled per round.",
+        check=lambda v: 0 < v <= 1, requirement="in (0, 1]"),  # fmt: skip
+    Key("clients.architectures", "cnn", "Client architectures, e.g. 'cnn:4,lenet5:3,resnet8:3' (counts sum to clients.num) or one name for all."),
+    Key("clients.local-epochs", 1, "Local epochs per round (ignored when clients.local-steps > 0).", check=_nonneg, requirement="≥ 0"),
+    Key("clients.local-steps", 0, "Local SGD steps per round; 0 means use clients.local-epochs.", check=_nonneg, requirement="≥ 0"),
+    Key("clients.batch-size", 32, "Local batch size.", check=_pos, requirement="≥ 1"),
+    Key("clients.lr", 0.05, "Local SGD learning rate.", check=_pos, requirement="> 0"),
+    Key("clients.momentum", 0.0, "Local SGD momentum.", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
+    Key("clients.weight-decay", 0.0, "Local SGD weight decay.", check=_nonneg, requirement="≥ 0"),
+    Key("clients.threads", 0, "torch threads per client process/actor (0: leave torch's default).", check=_nonneg, requirement="≥ 0"),
+    Key("global.architecture", "", "Architecture of the designated global model; empty: the largest client group's."),
+    Key("model.feature-dim", 0, "Feature dimension of every model (0: each model's default).", check=_nonneg, requirement="≥ 0"),
+    Key("strategy.name", "fedavg", "Registered strategy; its parameters are strategy.<name>.<param>."),
+    Key("eval.batch-size", 500, "Batch size of the server-side evaluation.", check=_pos, requirement="≥ 1"),
+    Key("eval.fraction", 0.0, "Fraction of clients doing federated evaluation each round (0: none).",
+        check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),  # fmt: skip
+    Key("round-timeout", 3600.0, "Seconds to wait for client replies in a round.", check=_pos, requirement="> 0"),
+    Key("ray.num-cpus", 1.0, "CPUs per client actor on the ray engine.", check=_pos, requirement="> 0"),
+    Key("ray.num-gpus", 0.0, "GPUs (fractional) per client actor on the ray engine.", check=_nonneg, requirement="≥ 0"),
+)  # fmt: skip
+
+_CORE = {k.name: k for k in CORE_KEYS}
+
+
+@dataclass(frozen=True)
+class PluginKind:
+    """A kind of plug-in whose parameters live under ``<kind>.<name>.<param>``."""
+
+    kind: str
+    registry: Callable[[], Registry[Any]]
+    exclude: frozenset[str] = frozenset()
+    target: Callable[[Any], Callable[..., Any]] = field(default=lambda obj: obj)
+
+
+def _strategies() -> Registry[Any]:
+    from strategies import STRATEGIES
+
+    return STRATEGIES
+
+
+def _partitioners() -> Registry[Any]:
+    from fedkd.data import PARTITIONERS
+
+    return PARTITIONERS
+
+
+def _strategy_exclude() -> frozenset[str]:
+    from fedkd.federation import MANAGED_KWARGS
+
+    return MANAGED_KWARGS
+
+
+PLUGIN_KINDS: dict[str, PluginKind] = {
+    "strategy": PluginKind("strategy", _strategies),
+    "partition": PluginKind("partition", _partitioners, frozenset({"labels", "num_partitions", "seed"})),
+}
+
+
+def register_plugin_kind(kind: PluginKind) -> None:
+    """Let a core module (e.g. generators) declare ``<kind>.<name>.<param>`` keys."""
+    PLUGIN_KINDS[kind.kind] = kind
+
+
+def kebab(name: str) -> str:
+    """``proximal_mu`` → ``proximal-mu``."""
+    return name.replace("_", "-")
+
+
+def plugin_params(kind: str, name: str) -> dict[str, inspect.Parameter]:
+    """Configurable parameters of plug-in ``name`` of ``kind``, keyed by kebab-case name."""
+    pk = PLUGIN_KINDS[kind]
+    exclude = set(pk.exclude) | (set(_strategy_exclude()) if kind == "strategy" else set())
+    obj = pk.registry().get(name)
+    return {kebab(n): p for n, p in configurable_params(pk.target(obj), exclude).items()}
+
+
+def declared_defaults(builtin_only: bool = True) -> dict[str, Value]:
+    """Every declared key with its default: core keys and every plug-in's parameters."""
+    out: dict[str, Value] = {k.name: k.default for k in CORE_KEYS}
+    for kind in PLUGIN_KINDS:
+        for name in PLUGIN_KINDS[kind].registry().names():
+            for pname, p in plugin_params(kind, name).items():
+                out[f"{kind}.{name}.{pname}"] = p.default
+    return out
+
+
+def _type_ok(default: Value, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _type_name(default: Value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[type(default)]
+
+
+def _suggest(key: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class Config(Mapping[str, Value]):
+    """The resolved, validated configuration (read-only, flat dotted keys)."""
+
+    def __init__(self, values: Mapping[str, Value]) -> None:
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Value:
+        return self._values[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    # typed accessors keep call sites honest
+    def int(self, key: str) -> int:
+        v = self._values[key]
+        assert isinstance(v, int)
+        return v
+
+    def float(self, key: str) -> float:
+        v = self._values[key]
+        assert isinstance(v, int | float)
+        return float(v)
+
+    def str(self, key: str) -> str:
+        v = self._values[key]
+        assert isinstance(v, str)
+        return v
+
+    def bool(self, key: str) -> bool:
+        v = self._values[key]
+        assert isinstance(v, bool)
+        return v
+
+    def plugin_kwargs(self, kind: str, name: str) -> dict[str, Value]:
+        """Constructor keywords for plug-in ``name``: declared defaults overridden by config."""
+        out: dict[str, Value] = {}
+        for pname, p in plugin_params(kind, name).items():
+            out[p.name] = self._values.get(f"{kind}.{name}.{pname}", p.default)
+        return out
+
+    def replace(self, **updates: Value) -> Config:
+        """A validated copy with ``updates`` (dotted keys given with ``__`` for ``.``)."""
+        vals = dict(self._values)
+        vals.update({k.replace("__", "."): v for k, v in updates.items()})
+        return Config(validate(vals))
+
+    def to_toml(self) -> str:
+        """The full resolved config as TOML (nested tables)."""
+        return tomli_w.dumps(nest(self._values))
+
+    @classmethod
+    def from_toml(cls, text: str) -> Config:
+        return cls(validate(flatten(tomllib.loads(text))))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables → flat dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat dotted keys → nested tables (inverse of :func:`flatten`)."""
+    out: dict[str, Any] = {}
+    for key in sorted(flat):
+        node = out
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = flat[key]
+    return out
+
+
+def validate(values: Mapping[str, Any]) -> dict[str, Value]:
+    """Check every key and value; return the full config with defaults filled in."""
+    out: dict[str, Value] = {k.name: k.default for k in CORE_KEYS}
+    for key, value in values.items():
+        if key in _CORE:
+            spec = _CORE[key]
+            if not _type_ok(spec.default, value):
+                raise ConfigError(f"{key} must be {_type_name(spec.default)}, got {value!r}")
+            if isinstance(spec.default, float):
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ConfigError(f"{key} must be finite, got {value!r}")
+            if spec.choices and value not in spec.choices:
+                raise ConfigError(f"{key} must be one of {', '.join(spec.choices)}; got {value!r}")
+            if spec.check and not spec.check(value):
+                raise ConfigError(f"{key} must be {spec.requirement}, got {value!r}")
+            out[key] = value
+            continue
+        kind, _, rest = key.partition(".")
+        name, _, pname = rest.rpartition(".")
+        if kind not in PLUGIN_KINDS or not name:
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, declared_defaults())}")
+        registry = PLUGIN_KINDS[kind].registry()
+        if name not in registry:
+            raise ConfigError(f"unknown {registry.kind} {name!r} in config key {key!r}; valid: {', '.join(registry.names())}")
+        params = plugin_params(kind, name)
+        if pname not in params:
+            valid = ", ".join(f"{kind}.{name}.{p}" for p in params) or "none"
+            raise ConfigError(f"unknown config key {key!r}; {registry.kind} {name!r} takes: {valid}")
+        default = params[pname].default
+        if not _type_ok(default, value):
+            raise ConfigError(f"{key} must be {_type_name(default)}, got {value!r}")
+        out[key] = float(value) if isinstance(default, float) else value
+    for kind in PLUGIN_KINDS:  # the selected plug-ins must exist
+        sel = f"{kind}.name"
+        if sel in out:
+            PLUGIN_KINDS[kind].registry().get(str(out[sel]))
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Value]:
+    """``KEY=VALUE`` → (key, TOML-parsed value; bare words are strings)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if isinstance(value, dict | list):
+        raise ConfigError(f"--set {key}: only scalar values are allowed, got {raw!r}")
+    return key, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file as flat dotted keys, with one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        return flatten(tomllib.loads(p.read_text(encoding="utf-8")))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+
+
+def load_config(sim: str | Path | None = None, overrides: Iterable[str] = (), seed: int | None = None) -> Config:
+    """Defaults ← sim file ← ``--set`` overrides ← ``--seed``; validated once."""
+    values: dict[str, Any] = read_toml(sim) if sim is not None else {}
+    for item in overrides:
+        k, v = parse_override(item)
+        values[k] = v
+    if seed is not None:
+        values["seed"] = seed
+    return Config(validate(values))
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """Config from Flower's ``context.run_config`` (``flwr run``: pyproject defaults + overrides)."""
+    return Config(validate(dict(run_config)))
+
+
+def pyproject_table() -> str:
+    """The ``[tool.flwr.app.config]`` section text generated from the declarations."""
+    return tomli_w.dumps({"tool": {"flwr": {"app": {"config": nest(declared_defaults())}}}})
+
+
+PYPROJECT_MARKER = "# ---- generated by `python -m fedkd.config --pyproject`"
+
+
+def write_pyproject(path: str | Path) -> None:
+    """Replace everything after the marker line in ``path`` with :func:`pyproject_table`."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    head, sep, rest = text.partition(PYPROJECT_MARKER)
+    if not sep:
+        raise ConfigError(f"{p}: marker line not found")
+    marker_line = sep + rest.splitlines()[0]
+    p.write_text(f"{head}{marker_line}\n{pyproject_table()}", encoding="utf-8")
+
+
+if __name__ == "__main__":  # pragma: no cover - maintenance helper
+    import sys
+
+    if sys.argv[1:2] == ["--pyproject"]:
+        write_pyproject(sys.argv[2] if len(sys.argv) > 2 else "pyproject.toml")

@@ -1,0 +1,203 @@
+"""Engines that run the unchanged ServerApp and ClientApp.
+
+* ``local``: :class:`LocalGrid`, an in-process :class:`~flwr.serverapp.Grid` that hands
+  each message to the ClientApp directly. Every message is serialized with Flower's
+  protobuf serde on the way out and back, so nothing is shared between server and
+  clients, exactly as on the other engines. Fast: the default for small runs and tests.
+* ``ray``: Flower's Simulation Engine (``flwr.simulation.run_simulation``).
+* deployment: ``flwr run .`` against a SuperLink and SuperNodes (see the README); the
+  ServerApp then reads its config from ``context.run_config``.
+
+:class:`MeteredGrid` wraps whatever Grid an engine provides and counts the bytes of every
+array that crosses, and the failed or missing replies.
+
+The local engine sets Flower's ``TaskIdentity`` (an internal) as Flower's own runtimes do;
+``tests/test_engines.py`` fails loudly if that internal changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd import records
+from fedkd.config import Config
+
+log = logging.getLogger(__name__)
+
+NODE_ID_OFFSET = 1_000  # local engine: node id = offset + partition id
+
+
+def _roundtrip(msg: Message) -> Message:
+    """Serialize and deserialize a message (what any transport does)."""
+    proto = ProtoMessage()
+    proto.ParseFromString(message_to_proto(msg).SerializeToString())
+    return message_from_proto(proto)
+
+
+class LocalGrid(Grid):
+    """An in-process Grid: ``num_nodes`` virtual SuperNodes running ``client_app``.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The unchanged ClientApp.
+    num_nodes : int
+        Number of virtual SuperNodes; node ``i`` gets ``partition-id = i``.
+    run_id : int
+        Run id reported in messages.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        self.contexts: dict[int, Context] = {
+            NODE_ID_OFFSET + i: Context(
+                run_id=run_id,
+                node_id=NODE_ID_OFFSET + i,
+                node_config={records.PARTITION_ID: i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+        self._pending: dict[str, Message] = {}
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        TaskIdentity.task_id = 1
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self._pending[msg.metadata.message_id] = _roundtrip(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def _execute(self, msg: Message) -> Message:
+        ctx = self.contexts.get(msg.metadata.dst_node_id)
+        if ctx is None:
+            return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
+        try:
+            reply = self.client_app(msg, ctx)
+        except Exception as e:  # a ClientApp exception becomes an error reply, as in Flower's runtimes
+            log.debug("ClientApp raised on node %s:\n%s", ctx.node_id, traceback.format_exc())
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
+        reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        return _roundtrip(reply)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._execute(self._pending.pop(i)) for i in list(message_ids) if i in self._pending]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+class MeteredGrid(Grid):
+    """Wrap a Grid and count array bytes down/up and failed or missing replies."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.reset()
+
+    def reset(self) -> dict[str, int]:
+        """Return the counters since the last reset and zero them."""
+        old = {"bytes_down": getattr(self, "bytes_down", 0), "bytes_up": getattr(self, "bytes_up", 0),
+               "failures": getattr(self, "failures", 0)}  # fmt: skip
+        self.bytes_down = self.bytes_up = self.failures = 0
+        return old
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self.bytes_down += sum(records.message_array_bytes(m) for m in messages)
+        return self.grid.push_messages(messages)
+
+    def _count_replies(self, replies: list[Message]) -> None:
+        for r in replies:
+            if r.has_error():
+                self.failures += 1
+            else:
+                self.bytes_up += records.message_array_bytes(r)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
+        self._count_replies(replies)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.bytes_down += sum(records.message_array_bytes(m) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self._count_replies(replies)
+        self.failures += max(0, len(messages) - len(replies))  # timed out / lost
+        return replies
+
+
+def run_local(server_main: Callable[[Grid, Context], Any], client_app: ClientApp, num_nodes: int) -> Any:
+    """Run a ServerApp main function on the in-process engine."""
+    grid = LocalGrid(client_app, num_nodes)
+    ctx = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={})
+    return server_main(grid, ctx)
+
+
+def run_ray(server_app: ServerApp, client_app: ClientApp, cfg: Config) -> None:
+    """Run on Flower's Simulation Engine (Ray), with client resources from the config."""
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.float("ray.num-cpus"), "num_gpus": cfg.float("ray.num-gpus")},
+        "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1, "log_to_driver": True},
+    }
+    t = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.int("clients.num"),
+                   backend_config=backend_config)  # type: ignore[arg-type]  # fmt: skip
+    log.info("ray engine finished in %.1fs", time.perf_counter() - t)
+
+
+def default_out(sim: str | Path | None) -> Path:
+    """``runs/<sim-stem>-<timestamp>`` (a new directory)."""
+    stem = Path(sim).stem if sim else "quickstart"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"

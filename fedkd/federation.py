@@ -1,0 +1,321 @@
+"""Heterogeneous federations: architecture groups over Flower strategies.
+
+A :class:`GroupedStrategy` is a Flower :class:`~flwr.serverapp.strategy.Strategy` that
+keeps one instance of a base Flower strategy (FedAvg, FedProx, FedAvgM, FedAdam, or any
+registered one) per architecture group. Each instance sees only its group's nodes and its
+group's arrays, so stateful strategies (server momentum, Adam moments) keep per-group
+state and Flower's own aggregation code runs unchanged. Flower's ``Strategy.start()`` owns
+the round loop; the state it carries is one ArrayRecord with ``arch/param`` keys.
+
+Strategies that do server-side work across groups (distillation) subclass
+:class:`GroupedStrategy`, call ``super().aggregate_train`` and then do their work.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedkd import records
+from fedkd.errors import ConfigError
+from fedkd.models import MODELS
+from fedkd.train import derive_seed
+
+log = logging.getLogger(__name__)
+
+# Constructor keywords of Flower strategies that fedkd sets itself (not config keys).
+MANAGED_KWARGS = frozenset(
+    {
+        "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+        "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
+        "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "federation", "base_factory",
+    }
+)  # fmt: skip
+
+
+def parse_architectures(spec: str, num_clients: int) -> list[str]:
+    """Architecture of each partition id from ``clients.architectures``.
+
+    ``"cnn"`` gives every client a CNN; ``"cnn:4,lenet5:3,resnet8:3"`` gives partitions
+    0–3 a CNN, 4–6 a LeNet-5 and 7–9 a ResNet-8 (the counts must sum to ``clients.num``).
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("clients.architectures is empty")
+    if ":" not in spec and "," not in spec:
+        MODELS.get(spec)
+        return [spec] * num_clients
+    out: list[str] = []
+    for item in spec.split(","):
+        name, sep, count = item.strip().partition(":")
+        name = name.strip()
+        if not sep or not name or not count.strip().isdigit() or int(count) < 1:
+            raise ConfigError(
+                f"clients.architectures: cannot parse {item.strip()!r} in {spec!r}; "
+                "expected NAME:COUNT[,NAME:COUNT...] with counts ≥ 1, e.g. 'cnn:4,lenet5:3,resnet8:3'"
+            )
+        MODELS.get(name)
+        out.extend([name] * int(count))
+    if len(out) != num_clients:
+        raise ConfigError(f"clients.architectures assigns {len(out)} clients but clients.num is {num_clients}")
+    return out
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Who is who, learned from the clients' replies to the opening query.
+
+    Attributes
+    ----------
+    node_partition : dict
+        node id → partition id.
+    node_arch : dict
+        node id → architecture name.
+    label_counts : ndarray
+        ``(num_partitions, num_classes)`` label counts reported by the clients.
+    global_arch : str
+        Architecture of the designated global model.
+    """
+
+    node_partition: Mapping[int, int]
+    node_arch: Mapping[int, str]
+    label_counts: np.ndarray
+    global_arch: str
+    seed: int = 0
+
+    @property
+    def groups(self) -> list[str]:
+        """Architecture groups in first-seen partition order, then the global one."""
+        order = sorted(self.node_partition, key=lambda n: self.node_partition[n])
+        out = list(dict.fromkeys(self.node_arch[n] for n in order))
+        if self.global_arch not in out:
+            out.append(self.global_arch)
+        return out
+
+    def nodes(self, arch: str) -> list[int]:
+        """Node ids of group ``arch``, by partition id."""
+        return sorted((n for n, a in self.node_arch.items() if a == arch), key=lambda n: self.node_partition[n])
+
+    def group_label_counts(self, arch: str) -> np.ndarray:
+        """Summed label counts of group ``arch``."""
+        pids = [self.node_partition[n] for n in self.nodes(arch)]
+        return self.label_counts[pids].sum(axis=0) if pids else np.zeros(self.label_counts.shape[1], dtype=int)
+
+
+def default_global_arch(architectures: Sequence[str]) -> str:
+    """The largest group's architecture (first listed on ties)."""
+    counts: dict[str, int] = {}
+    for a in architectures:
+        counts[a] = counts.get(a, 0) + 1
+    return max(counts, key=lambda a: (counts[a], -list(counts).index(a)))
+
+
+class _GroupGrid(Grid):
+    """A view of a Grid that exposes only one architecture group's nodes."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid = grid
+        self._nodes = nodes  # in partition-id order, so sampling does not depend on node ids
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover - never called on a view
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:
+        live = set(self._grid.get_node_ids())
+        return [n for n in self._nodes if n in live]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+BaseFactory = Callable[[int], Strategy]
+
+
+class GroupedStrategy(Strategy):
+    """Run a base Flower strategy independently within each architecture group.
+
+    Parameters
+    ----------
+    federation : Federation
+        Node → architecture assignment from the opening query.
+    base_factory : callable
+        ``base_factory(group_size)`` returns a fresh base strategy for one group.
+
+    Notes
+    -----
+    With one architecture this is exactly the base strategy. Sampling is stratified:
+    each group samples ``clients.fraction`` of its own nodes.
+    """
+
+    #: Whether the strategy trains a global architecture that no client holds.
+    trains_global_without_clients: ClassVar[bool] = False
+
+    def __init__(self, federation: Federation, base_factory: BaseFactory) -> None:
+        self.federation = federation
+        self.delegates: dict[str, Strategy] = {
+            arch: base_factory(len(federation.nodes(arch))) for arch in federation.groups if federation.nodes(arch)
+        }
+        self.current: ArrayRecord | None = None
+        self.last_train_metrics: MetricRecord | None = None
+
+    # --- helpers -----------------------------------------------------------------
+    def arch_of(self, msg: Message) -> str:
+        """Architecture group of the node that sent ``msg``."""
+        return self.federation.node_arch[msg.metadata.src_node_id]
+
+    def _fan_out(
+        self, hook: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        msgs: list[Message] = []
+        for i, (arch, base) in enumerate(self.delegates.items()):
+            # Flower samples with the global `random`; reseed from (seed, round, group)
+            random.seed(derive_seed(self.federation.seed, server_round, i, len(hook)))
+            sub = records.unpack(arrays, arch)
+            cfg = ConfigRecord(dict(config))  # bases add keys (e.g. FedProx's proximal-mu)
+            msgs.extend(getattr(base, hook)(server_round, sub, cfg, _GroupGrid(grid, self.federation.nodes(arch))))
+        return msgs
+
+    def _by_group(self, replies: Iterable[Message]) -> dict[str, list[Message]]:
+        out: dict[str, list[Message]] = defaultdict(list)
+        for msg in replies:
+            arch = self.federation.node_arch.get(msg.metadata.src_node_id)
+            if arch is None:
+                log.warning("reply from unknown node %s ignored", msg.metadata.src_node_id)
+                continue
+            out[arch].append(msg)
+        return out
+
+    @staticmethod
+    def _merge_metrics(parts: list[tuple[MetricRecord, float]]) -> MetricRecord | None:
+        """Weighted mean of per-group MetricRecords (weights: examples in each group)."""
+        parts = [(m, w) for m, w in parts if m is not None and w > 0]
+        if not parts:
+            return None
+        total = sum(w for _, w in parts)
+        out = MetricRecord()
+        for m, w in parts:
+            for k, v in m.items():
+                if isinstance(v, list):
+                    continue
+                out[k] = float(out.get(k, 0.0)) + float(v) * w / total  # type: ignore[arg-type]
+        return out
+
+    @staticmethod
+    def _examples(replies: list[Message]) -> float:
+        total = 0.0
+        for msg in replies:
+            if msg.has_content() and records.METRICS in msg.content.metric_records:
+                total += float(msg.content.metric_records[records.METRICS].get(records.NUM_EXAMPLES, 0))  # type: ignore[arg-type]
+        return total
+
+    # --- Flower hooks --------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current = arrays
+        return self._fan_out("configure_train", server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self.current is not None, "configure_train must run before aggregate_train"
+        by_group = self._by_group(replies)
+        groups: dict[str, ArrayRecord] = {}
+        parts: list[tuple[MetricRecord, float]] = []
+        for arch in self.federation.groups:
+            sub = records.unpack(self.current, arch)
+            if arch in self.delegates and by_group.get(arch):
+                new, metrics = self.delegates[arch].aggregate_train(server_round, by_group[arch])
+                if new is not None:
+                    sub = new
+                if metrics is not None:
+                    parts.append((metrics, self._examples(by_group[arch])))
+            groups[arch] = sub
+        self.last_train_metrics = self._merge_metrics(parts)
+        return records.pack(groups), self.last_train_metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self._fan_out("configure_evaluate", server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        parts = []
+        for arch, msgs in self._by_group(replies).items():
+            if arch in self.delegates:
+                m = self.delegates[arch].aggregate_evaluate(server_round, msgs)
+                parts.append((m, self._examples(msgs)))
+        return self._merge_metrics(parts)  # type: ignore[arg-type]
+
+    def summary(self) -> None:
+        for arch, base in self.delegates.items():
+            log.info("group %s: %d nodes, base %s", arch, len(self.federation.nodes(arch)), type(base).__name__)
+        log.info("global model: %s", self.federation.global_arch)
+
+
+def build_strategy(cfg: Any, federation: Federation) -> GroupedStrategy:
+    """Build the configured strategy over ``federation``.
+
+    A plain Flower strategy class becomes the per-group base of a :class:`GroupedStrategy`.
+    A :class:`GroupedStrategy` subclass is built with its own keywords
+    (``strategy.<name>.<param>``) and a base named by its ``base`` keyword.
+    """
+    from strategies import STRATEGIES
+
+    name = cfg.str("strategy.name")
+    obj = STRATEGIES.get(name)
+    if isinstance(obj, type) and issubclass(obj, GroupedStrategy):
+        kwargs = cfg.plugin_kwargs("strategy", name)
+        base = str(kwargs.get("base", "fedavg"))
+        if not obj.trains_global_without_clients:
+            _check_global_has_clients(federation, name)
+        return obj(federation=federation, base_factory=base_factory(cfg, base), **kwargs)
+    _check_global_has_clients(federation, name)
+    return GroupedStrategy(federation, base_factory(cfg, name))
+
+
+def _check_global_has_clients(federation: Federation, name: str) -> None:
+    if not federation.nodes(federation.global_arch):
+        raise ConfigError(
+            f"global.architecture {federation.global_arch!r} has no clients; strategy {name!r} cannot train it "
+            "(only distillation strategies can)"
+        )
+
+
+def base_factory(cfg: Any, name: str) -> BaseFactory:
+    """Factory of the per-group base strategy ``name`` (a plain Flower strategy)."""
+    from strategies import STRATEGIES
+
+    cls = STRATEGIES.get(name)
+    if not isinstance(cls, type) or not issubclass(cls, Strategy) or issubclass(cls, GroupedStrategy):
+        raise ConfigError(f"strategy {name!r} cannot be a base strategy (it must be a plain Flower strategy)")
+    kwargs = cfg.plugin_kwargs("strategy", name)
+    fraction, eval_fraction = cfg.float("clients.fraction"), cfg.float("eval.fraction")
+
+    def make(group_size: int) -> Strategy:
+        managed = {
+            "fraction_train": fraction,
+            "fraction_evaluate": eval_fraction,
+            "min_train_nodes": 1,
+            "min_evaluate_nodes": 1 if eval_fraction > 0 else 0,
+            "min_available_nodes": group_size,
+        }
+        return cls(**managed, **kwargs)
+
+    return make

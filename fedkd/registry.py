@@ -1,0 +1,114 @@
+"""One generic registry for every kind of plug-in.
+
+Strategies, generators, models, datasets and partitioners each have a
+:class:`Registry`. Built-ins are registered by explicit imports in each package's
+``__init__``; external packages add entries through entry points
+(``fedkd.strategies``, ``fedkd.generators``, ``fedkd.models``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from fedkd.errors import ConfigError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class Registry(Generic[T]):
+    """A name → factory mapping for one kind of plug-in.
+
+    Parameters
+    ----------
+    kind : str
+        Human-readable kind, used in error messages ("strategy", "model", ...).
+    entry_point_group : str, optional
+        Entry-point group scanned once, lazily, for external plug-ins.
+    """
+
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._items: dict[str, T] = {}
+        self._entry_points_loaded = entry_point_group is None
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering ``obj`` under ``name``; duplicates are an error."""
+
+        def deco(obj: T) -> T:
+            self.add(name, obj)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T) -> None:
+        """Register ``obj`` under ``name``."""
+        if name in self._items:
+            raise ValueError(
+                f"duplicate {self.kind} name {name!r}; registered: {', '.join(self.names())}"
+            )
+        self._items[name] = obj
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        assert self.entry_point_group is not None
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name in self._items:
+                log.warning("%s plug-in %r shadows a built-in; ignored", self.kind, ep.name)
+                continue
+            self._items[ep.name] = ep.load()
+
+    def get(self, name: str) -> T:
+        """Return the entry ``name``, or raise :class:`ConfigError` listing valid names."""
+        self._load_entry_points()
+        try:
+            return self._items[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}"
+            ) from None
+
+    def build(self, name: str, **kwargs: Any) -> Any:
+        """Call the factory registered as ``name`` with ``kwargs``."""
+        factory = self.get(name)
+        assert callable(factory)
+        return factory(**kwargs)
+
+    def names(self) -> list[str]:
+        """Sorted registered names, entry points included."""
+        self._load_entry_points()
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_entry_points()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def configurable_params(factory: Callable[..., Any], exclude: set[str] = frozenset()) -> dict[str, inspect.Parameter]:  # type: ignore[assignment]
+    """Keyword parameters of ``factory`` that a config may set.
+
+    Only parameters with a default of a plain TOML type (bool, int, float, str) are
+    configurable; ``exclude`` names parameters fedkd sets itself.
+    """
+    out: dict[str, inspect.Parameter] = {}
+    sig = inspect.signature(factory)
+    for name, p in sig.parameters.items():
+        if name in exclude or name == "self":
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            continue
+        if isinstance(p.default, bool | int | float | str):
+            out[name] = p
+    return out

@@ -1,0 +1,188 @@
+"""Run directories: resolved config, per-round metrics, summary and plots.
+
+A run directory holds ``config.toml`` (the resolved config), ``metrics.jsonl`` (one JSON
+object per round), ``label_counts.csv`` (clients × classes), ``summary.json`` and the PNGs
+``accuracy.png`` and ``partition.png``. ``fedkd plot RUN_DIR`` redraws the PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedkd.errors import UserError
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.toml"
+LABELS = "label_counts.csv"
+
+
+def create_run_dir(path: str | Path) -> Path:
+    """Create a fresh run directory; an existing non-empty one is never reused."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"output path {str(p)!r} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()):
+        what = "holds a run" if (p / CONFIG).exists() or (p / METRICS).exists() else "is not empty"
+        raise UserError(f"output directory {str(p)!r} already {what}; choose another --out")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {str(p)!r}: {e.strerror}") from None
+    return p
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class RunRecorder:
+    """Append per-round rows and write the summary; ``run_dir=None`` records in memory only."""
+
+    def __init__(self, run_dir: Path | None, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.run_dir = run_dir
+        self.on_round = on_round
+        self.rows: list[dict[str, Any]] = []
+
+    def write_label_counts(self, counts: np.ndarray) -> None:
+        if self.run_dir is None:
+            return
+        header = ",".join(f"class_{c}" for c in range(counts.shape[1]))
+        np.savetxt(self.run_dir / LABELS, counts, fmt="%d", delimiter=",", header=header, comments="")
+        plot_partition(counts, self.run_dir / "partition.png")
+
+    def record(self, row: dict[str, Any]) -> None:
+        row = _clean(row)
+        self.rows.append(row)
+        if self.run_dir is not None:
+            with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.on_round is not None:
+            self.on_round(row)
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        accs = [r["accuracy"] for r in self.rows if r.get("accuracy") is not None]
+        summary = {
+            "rounds": len(self.rows),
+            "final_accuracy": accs[-1] if accs else None,
+            "best_accuracy": max(accs) if accs else None,
+            "mean_accuracy": float(np.mean(accs)) if accs else None,
+            "var_accuracy": float(np.var(accs)) if accs else None,
+            "bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
+            "bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
+            "failures": sum(r.get("failures", 0) for r in self.rows),
+            **extra,
+        }
+        summary = _clean(summary)
+        if self.run_dir is not None:
+            write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+            plot_accuracy(self.rows, self.run_dir / "accuracy.png")
+        return summary
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Rows of ``metrics.jsonl`` (one-line errors for a missing or corrupt file)."""
+    p = run_dir / METRICS
+    if not p.is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run directory (no {METRICS})")
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{p}:{i}: not valid JSON") from None
+    return rows
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Global and per-group test accuracy against rounds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r["round"] for r in rows]
+    ax.plot(rounds, [r.get("accuracy") for r in rows], marker="o", lw=2, label="global model")
+    groups = sorted({g for r in rows for g in (r.get("group_accuracy") or {})})
+    if len(groups) > 1:
+        for g in groups:
+            ax.plot(rounds, [(r.get("group_accuracy") or {}).get(g) for r in rows], lw=1, alpha=0.8, label=f"group {g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_partition(counts: np.ndarray, path: Path) -> None:
+    """Heat-map of per-client label counts."""
+    plt = _pyplot()
+    n, k = counts.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), max(3, 0.3 * n + 1.5)))
+    im = ax.imshow(counts, aspect="auto", cmap="viridis")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client (partition id)")
+    ax.set_xticks(range(k)) if k <= 26 else None
+    ax.set_yticks(range(n)) if n <= 40 else None
+    if n * k <= 400:
+        for i in range(n):
+            for j in range(k):
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if counts[i, j] < counts.max() / 2 else "black")  # fmt: skip
+    fig.colorbar(im, ax=ax, label="samples")
+    ax.set_title("label counts per client")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Redraw a run directory's PNGs from its files; returns the paths written."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise UserError(f"run directory {str(d)!r} does not exist")
+    rows = read_metrics(d)
+    out = [d / "accuracy.png"]
+    plot_accuracy(rows, out[0], title=d.name)
+    if (d / LABELS).is_file():
+        try:
+            counts = np.loadtxt(d / LABELS, delimiter=",", skiprows=1, ndmin=2)
+        except ValueError:
+            raise UserError(f"{d / LABELS}: not a label-count matrix") from None
+        plot_partition(counts.astype(int), d / "partition.png")
+        out.append(d / "partition.png")
+    return out

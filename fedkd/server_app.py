@@ -1,0 +1,212 @@
+"""The fedkd ServerApp (Flower Message API).
+
+:func:`run_federation` is the whole server side of a run:
+
+1. an opening ``query`` round asks every node for its partition id, architecture and
+   label counts (this is how the server learns node → architecture on every engine);
+2. the configured strategy is built over that :class:`~fedkd.federation.Federation`;
+3. Flower's ``Strategy.start()`` runs the rounds; after each, the global and group models
+   are evaluated on the held-out test set and one row goes to ``metrics.jsonl``.
+
+``make_server_app`` closes over a resolved config for the local and ray engines
+(``run_simulation`` passes an empty run_config); the module-level ``app`` reads the config
+from ``context.run_config`` for ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedkd import records
+from fedkd.config import Config, from_run_config
+from fedkd.data import Dataset, load_dataset
+from fedkd.engines import MeteredGrid, default_out
+from fedkd.errors import ConfigError, UserError
+from fedkd.federation import Federation, build_strategy, default_global_arch, parse_architectures
+from fedkd.models import FedkdModel, build_model
+from fedkd.results import RunRecorder, create_run_dir, write_atomic
+from fedkd.train import derive_seed, evaluate, resolve_device
+
+log = logging.getLogger(__name__)
+
+OnRound = Callable[[dict[str, Any]], None]
+
+
+def global_architecture(cfg: Config) -> str:
+    """``global.architecture``, defaulting to the largest client group's."""
+    archs = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))
+    name = cfg.str("global.architecture") or default_global_arch(archs)
+    from fedkd.models import MODELS
+
+    MODELS.get(name)
+    return name
+
+
+def initial_models(cfg: Config, ds: Dataset, groups: list[str]) -> dict[str, FedkdModel]:
+    """One freshly initialised model per group, seeded from ``seed``."""
+    fd = cfg.int("model.feature-dim") or None
+    out = {}
+    for i, arch in enumerate(groups):
+        torch.manual_seed(derive_seed(cfg.int("seed"), 7919, i))
+        try:
+            out[arch] = build_model(arch, ds.shape, ds.num_classes, fd)
+        except RuntimeError as e:  # e.g. a kernel larger than the input
+            raise ConfigError(f"model {arch!r} does not fit dataset {ds.name!r} of shape {ds.shape}: {e}") from None
+    return out
+
+
+def handshake(grid: Grid, cfg: Config, global_arch: str, num_classes: int, timeout: float = 600.0) -> Federation:
+    """Ask every node who it is; build the :class:`Federation`."""
+    n = cfg.int("clients.num")
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise UserError(f"only {len(nodes)} of clients.num={n} nodes connected within {timeout:.0f}s")
+        log.info("waiting for nodes: %d/%d connected", len(nodes), n)
+        time.sleep(1.0)
+    content = RecordDict({records.CONFIG: records.run_config_record(cfg.to_toml())})
+    msgs = [Message(content, node, "query") for node in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.float("round-timeout")))
+    node_partition: dict[int, int] = {}
+    node_arch: dict[int, str] = {}
+    counts = np.zeros((n, num_classes), dtype=np.int64)
+    for r in replies:
+        if r.has_error():
+            raise UserError(f"node {r.metadata.src_node_id} failed the opening query: {(r.error.reason or '').splitlines()[0]}")
+        info = r.content.config_records[records.INFO]
+        pid = int(info[records.PARTITION_ID])  # type: ignore[arg-type]
+        if pid in node_partition.values():
+            raise UserError(f"two nodes claim partition-id {pid}")
+        node_partition[r.metadata.src_node_id] = pid
+        node_arch[r.metadata.src_node_id] = str(info[records.ARCHITECTURE])
+        counts[pid] = np.asarray(info[records.LABEL_COUNTS], dtype=np.int64)
+    missing = sorted(set(range(n)) - set(node_partition.values()))
+    if missing:
+        raise UserError(f"no node answered for partition ids {missing[:10]}")
+    return Federation(node_partition, node_arch, counts, global_arch, seed=cfg.int("seed"))
+
+
+class Evaluator:
+    """Evaluate every group's model (and so the global one) on the held-out test set."""
+
+    def __init__(self, models: dict[str, FedkdModel], ds: Dataset, global_arch: str, device: torch.device, batch_size: int) -> None:
+        self.models, self.ds, self.global_arch = models, ds, global_arch
+        self.device, self.batch_size = device, batch_size
+        for m in models.values():
+            m.to(device)
+
+    def __call__(self, state: Any) -> dict[str, Any]:
+        group_acc: dict[str, float] = {}
+        group_loss: dict[str, float] = {}
+        for arch, model in self.models.items():
+            records.load_record(model, records.unpack(state, arch))
+            group_loss[arch], group_acc[arch] = evaluate(model, self.ds.x_test, self.ds.y_test, self.batch_size, self.device)
+        return {
+            "accuracy": group_acc[self.global_arch],
+            "loss": group_loss[self.global_arch],
+            "group_accuracy": group_acc,
+        }
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, on_round: OnRound | None = None) -> dict[str, Any]:
+    """Run one federated simulation on ``grid``; return the summary."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.str("device"))
+    ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    global_arch = global_architecture(cfg)
+    archs = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))
+    groups = list(dict.fromkeys([*archs, global_arch]))
+    models = initial_models(cfg, ds, groups)
+
+    fed = handshake(grid, cfg, global_arch, ds.num_classes)
+    strategy = build_strategy(cfg, fed)
+    recorder = RunRecorder(run_dir, on_round)
+    recorder.write_label_counts(fed.label_counts)
+    metered = MeteredGrid(grid)
+    evaluator = Evaluator(models, ds, global_arch, device, cfg.int("eval.batch-size"))
+    initial = records.pack({a: records.to_record(models[a]) for a in fed.groups})
+    clock = {"t": time.perf_counter()}
+    start_eval: dict[str, Any] = {}
+
+    def evaluate_fn(server_round: int, arrays: Any) -> MetricRecord:
+        ev = evaluator(arrays)
+        counters = metered.reset()
+        now = time.perf_counter()
+        if server_round == 0:  # before training: the handshake's traffic is not a round's
+            start_eval.update(ev)
+        else:
+            train = strategy.last_train_metrics or {}
+            recorder.record(
+                {
+                    "round": server_round,
+                    "accuracy": ev["accuracy"],
+                    "loss": ev["loss"],
+                    "group_accuracy": ev["group_accuracy"],
+                    "train_loss": train.get(records.TRAIN_LOSS),
+                    **counters,
+                    "seconds": now - clock["t"],
+                }
+            )
+        clock["t"] = now
+        return MetricRecord({"accuracy": ev["accuracy"], "loss": ev["loss"]})
+
+    run_cfg = records.run_config_record(cfg.to_toml())
+    strategy.start(
+        grid=metered,
+        initial_arrays=initial,
+        num_rounds=cfg.int("rounds"),
+        timeout=cfg.float("round-timeout"),
+        train_config=run_cfg,
+        evaluate_config=ConfigRecord(dict(run_cfg)),
+        evaluate_fn=evaluate_fn,
+    )
+    return recorder.finish(
+        {
+            "initial_accuracy": start_eval.get("accuracy"),
+            "strategy": cfg.str("strategy.name"),
+            "dataset": cfg.str("dataset.name"),
+            "global_architecture": global_arch,
+            "groups": {a: len(fed.nodes(a)) for a in fed.groups},
+            "device": str(device),
+            "wall_seconds": time.perf_counter() - t0,
+        }
+    )
+
+
+def make_server_app(cfg: Config, run_dir: Path | None, on_round: OnRound | None = None, sink: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp bound to a resolved config (local and ray engines)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = run_federation(grid, cfg, run_dir, on_round)
+        if sink is not None:
+            sink.update(summary)
+
+    return app
+
+
+# --- `flwr run .` entry point: config from context.run_config --------------------------
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """ServerApp for ``flwr run``: pyproject defaults + ``--run-config`` overrides."""
+    cfg = from_run_config(context.run_config)
+    random.seed(cfg.int("seed"))
+    out = Path(cfg.str("out") or default_out("flwr"))
+    run_dir = create_run_dir(out)
+    write_atomic(run_dir / "config.toml", cfg.to_toml())
+    summary = run_federation(grid, cfg, run_dir, on_round=lambda r: log.info("round %s accuracy %.4f", r["round"], r["accuracy"]))
+    log.info("run finished: %s -> %s", summary, run_dir)
