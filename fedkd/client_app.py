@@ -41,7 +41,9 @@ def message_config(msg: Message) -> Config:
 
 
 @lru_cache(maxsize=4)
-def _partitions(dataset: str, root: str, download: bool, method: str, kwargs: tuple[tuple[str, object], ...], n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _partitions(
+    dataset: str, root: str, download: bool, method: str, kwargs: tuple[tuple[str, object], ...], n: int, seed: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     ds = load_dataset(dataset, root, download)
     labels = ds.y_train.numpy()
     parts = partition(method, labels, n, seed, **dict(kwargs))
@@ -57,7 +59,13 @@ def client_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor,
     method = cfg.str("partition.name")
     kwargs = tuple(sorted(cfg.plugin_kwargs("partition", method).items()))
     parts, counts = _partitions(
-        cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"), method, kwargs, n, cfg.int("seed")
+        cfg.str("dataset.name"),
+        cfg.str("dataset.root"),
+        cfg.bool("dataset.download"),
+        method,
+        kwargs,
+        n,
+        cfg.int("seed"),
     )
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
     idx = parts[pid]
@@ -67,7 +75,9 @@ def client_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor,
 def partition_id(context: Context) -> int:
     pid = context.node_config.get(records.PARTITION_ID)
     if pid is None:
-        raise UserError("this SuperNode has no 'partition-id' in its node config (use --node-config 'partition-id=I num-partitions=N')")
+        raise UserError(
+            "this SuperNode has no 'partition-id' in its node config (use --node-config 'partition-id=I num-partitions=N')"
+        )
     return int(pid)
 
 

@@ -133,7 +133,9 @@ class _GroupGrid(Grid):
     def run(self) -> Any:
         return self._grid.run
 
-    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: Any, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> list[int]:
@@ -231,11 +233,15 @@ class GroupedStrategy(Strategy):
         return total
 
     # --- Flower hooks --------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current = arrays
         return self._fan_out("configure_train", server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current is not None, "configure_train must run before aggregate_train"
         by_group = self._by_group(replies)
         groups: dict[str, ArrayRecord] = {}
@@ -252,7 +258,9 @@ class GroupedStrategy(Strategy):
         self.last_train_metrics = self._merge_metrics(parts)
         return records.pack(groups), self.last_train_metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self._fan_out("configure_evaluate", server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -72,7 +72,9 @@ class MLP(FedkdModel):
     def __init__(self, in_shape: Shape, num_classes: int = 10, feature_dim: int = 64, hidden: int = 200) -> None:
         super().__init__(in_shape, num_classes, feature_dim)
         c, h, w = in_shape
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
         self._finish()
 
 

@@ -49,9 +49,7 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         """Register ``obj`` under ``name``."""
         if name in self._items:
-            raise ValueError(
-                f"duplicate {self.kind} name {name!r}; registered: {', '.join(self.names())}"
-            )
+            raise ValueError(f"duplicate {self.kind} name {name!r}; registered: {', '.join(self.names())}")
         self._items[name] = obj
 
     def _load_entry_points(self) -> None:
@@ -71,9 +69,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise ConfigError(
-                f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}"
-            ) from None
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}") from None
 
     def build(self, name: str, **kwargs: Any) -> Any:
         """Call the factory registered as ``name`` with ``kwargs``."""

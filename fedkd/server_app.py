@@ -82,7 +82,9 @@ def handshake(grid: Grid, cfg: Config, global_arch: str, num_classes: int, timeo
     counts = np.zeros((n, num_classes), dtype=np.int64)
     for r in replies:
         if r.has_error():
-            raise UserError(f"node {r.metadata.src_node_id} failed the opening query: {(r.error.reason or '').splitlines()[0]}")
+            raise UserError(
+                f"node {r.metadata.src_node_id} failed the opening query: {(r.error.reason or '').splitlines()[0]}"
+            )
         info = r.content.config_records[records.INFO]
         pid = int(info[records.PARTITION_ID])  # type: ignore[arg-type]
         if pid in node_partition.values():
@@ -99,7 +101,9 @@ def handshake(grid: Grid, cfg: Config, global_arch: str, num_classes: int, timeo
 class Evaluator:
     """Evaluate every group's model (and so the global one) on the held-out test set."""
 
-    def __init__(self, models: dict[str, FedkdModel], ds: Dataset, global_arch: str, device: torch.device, batch_size: int) -> None:
+    def __init__(
+        self, models: dict[str, FedkdModel], ds: Dataset, global_arch: str, device: torch.device, batch_size: int
+    ) -> None:
         self.models, self.ds, self.global_arch = models, ds, global_arch
         self.device, self.batch_size = device, batch_size
         for m in models.values():
@@ -110,7 +114,9 @@ class Evaluator:
         group_loss: dict[str, float] = {}
         for arch, model in self.models.items():
             records.load_record(model, records.unpack(state, arch))
-            group_loss[arch], group_acc[arch] = evaluate(model, self.ds.x_test, self.ds.y_test, self.batch_size, self.device)
+            group_loss[arch], group_acc[arch] = evaluate(
+                model, self.ds.x_test, self.ds.y_test, self.batch_size, self.device
+            )
         return {
             "accuracy": group_acc[self.global_arch],
             "loss": group_loss[self.global_arch],
@@ -118,7 +124,9 @@ class Evaluator:
         }
 
 
-def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, on_round: OnRound | None = None) -> dict[str, Any]:
+def run_federation(
+    grid: Grid, cfg: Config, run_dir: Path | None = None, on_round: OnRound | None = None
+) -> dict[str, Any]:
     """Run one federated simulation on ``grid``; return the summary."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.str("device"))
@@ -183,7 +191,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path | None = None, on_roun
     )
 
 
-def make_server_app(cfg: Config, run_dir: Path | None, on_round: OnRound | None = None, sink: dict[str, Any] | None = None) -> ServerApp:
+def make_server_app(
+    cfg: Config, run_dir: Path | None, on_round: OnRound | None = None, sink: dict[str, Any] | None = None
+) -> ServerApp:
     """A ServerApp bound to a resolved config (local and ray engines)."""
     app = ServerApp()
 
@@ -208,5 +218,7 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(cfg.str("out") or default_out("flwr"))
     run_dir = create_run_dir(out)
     write_atomic(run_dir / "config.toml", cfg.to_toml())
-    summary = run_federation(grid, cfg, run_dir, on_round=lambda r: log.info("round %s accuracy %.4f", r["round"], r["accuracy"]))
+    summary = run_federation(
+        grid, cfg, run_dir, on_round=lambda r: log.info("round %s accuracy %.4f", r["round"], r["accuracy"])
+    )
     log.info("run finished: %s -> %s", summary, run_dir)

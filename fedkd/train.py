@@ -15,7 +15,9 @@ from torch.nn import functional as F
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed derived from (seed, partition-id, round, ...)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1)
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,7 +85,9 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500, device: torch.device | None = None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500, device: torch.device | None = None
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
     device = device or torch.device("cpu")
     model.to(device).eval()

@@ -7,15 +7,39 @@ network that allows it. Every failure a user can fix is a one-line :class:`UserE
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from fedkd.data.base import DATASETS, Dataset, from_arrays
 from fedkd.errors import UserError
+
+Layout = Literal["NHW", "NHWC", "NCHW"]
+
+# What torchvision raises on files that are missing, truncated or not in the expected format:
+# idx files fail asserts and dtype checks (AssertionError, TypeError), pickles fail to unpickle,
+# downloads fail with URLError (an OSError).
+_FILE_ERRORS = (
+    RuntimeError,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    EOFError,
+    AssertionError,
+    TypeError,
+    pickle.UnpicklingError,
+)
+_TV_DOWNLOAD_HINT = "You can use download=True to download it"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else ""
 
 
 def import_torchvision() -> ModuleType:
@@ -27,28 +51,41 @@ def import_torchvision() -> ModuleType:
             "torchvision is not installed; `pip install torchvision` (a build matching your torch) "
             "to use the torchvision-backed datasets, or use mnist5k/digits"
         ) from None
-    except RuntimeError as e:  # e.g. a CUDA torchvision on a CPU torch: "operator torchvision::nms does not exist"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # e.g. a CUDA torchvision on a CPU torch: "operator torchvision::nms does not exist"
         raise UserError(
-            f"torchvision cannot be imported ({first}); install a torchvision build that matches "
-            "your torch, or use mnist5k/digits"
+            f"torchvision cannot be imported ({_first_line(e) or type(e).__name__}); install a torchvision "
+            "build that matches your torch, or use mnist5k/digits"
         ) from None
     return torchvision
 
 
-def _as_nchw(x: Any) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim == 3:  # (N, H, W) grayscale
+def _to_nchw(x: Any, layout: Layout) -> np.ndarray:
+    a = np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+    if a.ndim != len(layout):
+        raise ValueError(f"images have shape {a.shape}, expected {layout}")
+    if layout == "NHW":
         return a[:, None]
-    if a.ndim == 4 and a.shape[-1] in (1, 3):  # (N, H, W, C)
+    if layout == "NHWC":
         return a.transpose(0, 3, 1, 2)
     return a
+
+
+def _check(x: np.ndarray, y: np.ndarray, num_classes: int, split: str) -> None:
+    """Reject what torchvision reads without complaint but is still corrupt."""
+    if len(x) == 0:
+        raise ValueError(f"the {split} split holds no images")
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"the {split} split has {len(x)} images but {y.size} labels")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"{split} labels span {y.min()}..{y.max()}, expected 0..{num_classes - 1}")
 
 
 def _vision(
     name: str,
     cls_name: str,
     split_kw: Callable[[bool], dict[str, Any]],
+    files: str,
+    layout: Layout,
     labels_attr: str = "targets",
     num_classes: int = 10,
     fix: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
@@ -56,27 +93,38 @@ def _vision(
     def load(root: str = "", download: bool = False) -> Dataset:
         if not root:
             raise UserError(f"dataset {name!r} reads from a local folder: set dataset.root")
-        if not Path(root).is_dir() and not download:
-            raise UserError(f"dataset.root {root!r} does not exist (dataset {name!r})")
+        if not download:
+            if not Path(root).exists():
+                raise UserError(f"dataset.root {root!r} does not exist (dataset {name!r})")
+            if not Path(root).is_dir():
+                raise UserError(f"dataset.root {root!r} is not a folder (dataset {name!r})")
         tv = import_torchvision()
         cls = getattr(tv.datasets, cls_name)
+        where = f"cannot load {name!r} from dataset.root {root!r} (expects {files})"
         parts = []
         for train in (True, False):
+            split = "train" if train else "test"
             try:
                 ds = cls(root, download=download, **split_kw(train))
-            except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"cannot load {name!r} from dataset.root {root!r}: {msg}") from None
-            x = _as_nchw(ds.data.numpy() if hasattr(ds.data, "numpy") else ds.data)
-            y = np.asarray(getattr(ds, labels_attr))
-            y = y.numpy() if hasattr(y, "numpy") else y
-            if fix is not None:
-                x, y = fix(x, y)
+                x = _to_nchw(ds.data, layout)
+                y = np.asarray(getattr(ds, labels_attr)).astype(np.int64)
+                if fix is not None:
+                    x, y = fix(x, y)
+                _check(x, y, num_classes, split)
+            except _FILE_ERRORS as e:
+                msg = _first_line(e)
+                if _TV_DOWNLOAD_HINT in msg:  # torchvision's hint names its API, not fedkd's config
+                    msg = msg.replace(_TV_DOWNLOAD_HINT, "Set dataset.download=true to fetch it (needs a network)")
+                    raise UserError(f"{where}: {msg}") from None
+                detail = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+                raise UserError(
+                    f"{where}: a {split} file is corrupt or not in the expected format ({detail})"
+                ) from None
             parts.append((x, y))
         (xtr, ytr), (xte, yte) = parts
         return from_arrays(name, xtr, ytr, xte, yte, 255.0, num_classes=num_classes)
 
-    load.__doc__ = f"torchvision {cls_name} from a local root."
+    load.__doc__ = f"torchvision {cls_name} from a local root ({files})."
     return load
 
 
@@ -89,12 +137,34 @@ def _train_kw(train: bool) -> dict[str, Any]:
     return {"train": train}
 
 
-DATASETS.add("mnist", _vision("mnist", "MNIST", _train_kw))
-DATASETS.add("fashion-mnist", _vision("fashion-mnist", "FashionMNIST", _train_kw))
+def _mnist_files(folder: str, prefix: str = "") -> str:
+    return f"{folder}/raw/{prefix}{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"
+
+
+DATASETS.add("mnist", _vision("mnist", "MNIST", _train_kw, _mnist_files("MNIST"), "NHW"))
+DATASETS.add("fashion-mnist", _vision("fashion-mnist", "FashionMNIST", _train_kw, _mnist_files("FashionMNIST"), "NHW"))
 DATASETS.add(
     "emnist",
-    _vision("emnist", "EMNIST", lambda t: {"split": "letters", "train": t}, num_classes=26, fix=_emnist_fix),
+    _vision(
+        "emnist",
+        "EMNIST",
+        lambda t: {"split": "letters", "train": t},
+        "EMNIST/raw/emnist-letters-{train,test}-{images-idx3,labels-idx1}-ubyte",
+        "NHW",
+        num_classes=26,
+        fix=_emnist_fix,
+    ),
 )
-DATASETS.add("cifar10", _vision("cifar10", "CIFAR10", _train_kw))
-DATASETS.add("cifar100", _vision("cifar100", "CIFAR100", _train_kw, num_classes=100))
-DATASETS.add("svhn", _vision("svhn", "SVHN", lambda t: {"split": "train" if t else "test"}, labels_attr="labels"))
+DATASETS.add("cifar10", _vision("cifar10", "CIFAR10", _train_kw, "cifar-10-batches-py/", "NHWC"))
+DATASETS.add("cifar100", _vision("cifar100", "CIFAR100", _train_kw, "cifar-100-python/", "NHWC", num_classes=100))
+DATASETS.add(
+    "svhn",
+    _vision(
+        "svhn",
+        "SVHN",
+        lambda t: {"split": "train" if t else "test"},
+        "train_32x32.mat and test_32x32.mat",
+        "NCHW",
+        labels_attr="labels",
+    ),
+)
