@@ -50,16 +50,19 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}MB"
 
 
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return "nan" if v is None else format(v, fmt)
+
+
 def round_printer(total: int) -> Callable[[dict[str, Any]], None]:
-    """One line per round on stdout."""
+    """One line per round on stdout (a diverged model prints nan)."""
 
     def show(row: dict[str, Any]) -> None:
         groups = row.get("group_accuracy") or {}
-        extra = "  " + " ".join(f"{g}={a:.3f}" for g, a in groups.items()) if len(groups) > 1 else ""
-        tl = row.get("train_loss")
+        extra = "  " + " ".join(f"{g}={_num(a, '.3f')}" for g, a in groups.items()) if len(groups) > 1 else ""
         print(
-            f"round {row['round']:>3}/{total}  acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
-            f"train_loss {tl if tl is None else f'{tl:.4f}'}  up {_mb(row['bytes_up'])}  down {_mb(row['bytes_down'])}  "
+            f"round {row['round']:>3}/{total}  acc {_num(row['accuracy'])}  loss {_num(row['loss'])}  "
+            f"train_loss {_num(row.get('train_loss'))}  up {_mb(row['bytes_up'])}  down {_mb(row['bytes_down'])}  "
             f"fail {row['failures']}  {row['seconds']:.1f}s{extra}",
             flush=True,
         )
@@ -69,60 +72,95 @@ def round_printer(total: int) -> Callable[[dict[str, Any]], None]:
 
 def _preflight(cfg: Any) -> None:
     """Check everything a user can get wrong before any run directory is created."""
+    import numpy as np
+    import torch
+
     from fedkd.client_app import client_partition
     from fedkd.data import load_dataset
-    from fedkd.federation import parse_architectures
+    from fedkd.federation import Federation, ServerContext, build_strategy, parse_architectures
     from fedkd.server_app import global_architecture, initial_models
 
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
     archs = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))
-    initial_models(cfg, ds, list(dict.fromkeys([*archs, global_architecture(cfg)])))
+    global_arch = global_architecture(cfg)
+    initial_models(cfg, ds, list(dict.fromkeys([*archs, global_arch])))
     client_partition(cfg, 0)  # runs the partitioner: α, sizes, empty clients
-    import numpy as np
+    # the strategy with its keywords and base, over a federation shaped like the real one
+    n = len(archs)
+    fake = Federation({i: i for i in range(n)}, dict(enumerate(archs)),
+                      np.zeros((n, ds.num_classes), np.int64), global_arch, cfg.int("seed"))  # fmt: skip
+    context = ServerContext(ds.shape, ds.num_classes, cfg.int("model.feature-dim") or None, torch.device("cpu"),
+                            cfg.int("seed"), cfg.int("rounds"))  # fmt: skip
+    build_strategy(cfg, fake, context)
 
-    from fedkd.federation import Federation, build_strategy
 
-    fake = Federation({i: i for i in range(len(archs))}, dict(enumerate(archs)), np.zeros((len(archs), ds.num_classes), int),
-                      global_architecture(cfg), cfg.int("seed"))  # fmt: skip
-    build_strategy(cfg, fake)  # strategy keywords and base
+def prepare_run(cfg: Any, out: str | Path | None, sim: Path | None) -> Path:
+    """Preflight checks, then a fresh run directory holding the resolved config."""
+    from fedkd.engines import default_out
+    from fedkd.results import create_run_dir, write_atomic
+
+    _preflight(cfg)
+    run_dir = create_run_dir(out or default_out(sim))
+    write_atomic(run_dir / "config.toml", cfg.to_toml())
+    return run_dir
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedkd.client_app import app as client_app
     from fedkd.config import load_config
-    from fedkd.engines import LocalGrid, default_out, run_ray
-    from fedkd.results import create_run_dir, write_atomic
-    from fedkd.server_app import make_server_app
+    from fedkd.engines import execute
 
     sim = find_sim(args.sim)
     sets = list(args.set or [])
     if args.engine:
         sets.append(f"engine={args.engine}")
     cfg = load_config(sim, sets, args.seed)
-    _preflight(cfg)
-    run_dir = create_run_dir(args.out or default_out(sim))
-    write_atomic(run_dir / "config.toml", cfg.to_toml())
-    engine = cfg.str("engine")
-    print(f"fedkd run: {sim} on the {engine} engine -> {run_dir}", flush=True)
-    summary: dict[str, Any] = {}
-    server_app = make_server_app(cfg, run_dir, round_printer(cfg.int("rounds")), summary)
+    run_dir = prepare_run(cfg, args.out, sim)
+    print(f"fedkd run: {sim} on the {cfg.str('engine')} engine -> {run_dir}", flush=True)
     t = time.perf_counter()
-    if engine == "local":
-        from flwr.app import Context, RecordDict
-
-        grid = LocalGrid(client_app, cfg.int("clients.num"))
-        server_app(grid, Context(grid.run.run_id, 1, {}, RecordDict(), {}))
-    else:
-        run_ray(server_app, client_app, cfg)
+    summary = execute(cfg, run_dir, round_printer(cfg.int("rounds")))
     if not summary:
         print(f"error: the run did not finish (see the log above); partial results in {run_dir}", file=sys.stderr)
         return EXIT_FAILURE
     print(
-        f"done in {time.perf_counter() - t:.1f}s: final accuracy {summary['final_accuracy']:.4f}, "
-        f"best {summary['best_accuracy']:.4f}; results in {run_dir}",
+        f"done in {time.perf_counter() - t:.1f}s: final accuracy {_num(summary['final_accuracy'])}, "
+        f"best {_num(summary['best_accuracy'])}; results in {run_dir}",
         flush=True,
     )
     return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedkd.compare import run_suite
+    from fedkd.config import load_config
+    from fedkd.engines import default_out
+    from fedkd.results import create_run_dir
+
+    sims = [find_sim(s) for s in args.sims]
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be ≥ 1, got {args.seeds}")
+    sets = list(args.set or []) + ([f"engine={args.engine}"] if args.engine else [])
+    base = args.seed or 0
+    seeds = list(range(base, base + args.seeds))
+    for sim in sims:  # fail fast on a bad sim before creating anything
+        load_config(sim, sets, base)
+    out = create_run_dir(args.out or default_out(Path("compare")))
+    command = "fedkd compare " + " ".join(str(s) for s in args.sims) + f" --seeds {args.seeds}"
+    command += "".join(f" --set {s}" for s in args.set or []) + (f" --engine {args.engine}" if args.engine else "")
+    print(f"fedkd compare: {len(sims)} sims × {len(seeds)} seeds -> {out}", flush=True)
+
+    def made(sim: Path) -> Any:
+        return lambda seed: load_config(sim, sets, seed)
+
+    def done(name: str, seed: int, summary: dict[str, Any]) -> None:
+        print(f"{name} seed {seed}: final {summary['final_accuracy']:.4f} best {summary['best_accuracy']:.4f} "
+              f"({summary['wall_seconds']:.1f}s)", flush=True)  # fmt: skip
+
+    rows = run_suite(sims, [made(s) for s in sims], seeds, out, command,
+                     lambda cfg, d, sim: prepare_run(cfg, d, sim), done,
+                     (lambda total: round_printer(total)) if args.verbose_rounds else None)  # fmt: skip
+    print((out / "comparison.md").read_text(), end="")
+    print(f"table: {out / 'comparison.md'} and {out / 'comparison.csv'}; plot: {out / 'comparison.png'}")
+    return EXIT_OK if rows else EXIT_FAILURE
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -151,6 +189,37 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dfkd(args: argparse.Namespace) -> int:
+    from fedkd import dfkd
+    from fedkd.config import load_config
+    from fedkd.engines import default_out
+    from fedkd.results import create_run_dir, write_atomic
+
+    started = time.perf_counter()
+    sim = find_sim(args.sim) if args.sim else None
+    cfg = load_config(sim, list(args.set or []), args.seed)
+    plan = dfkd.prepare(cfg)  # every check runs before the run directory exists
+    run_dir = create_run_dir(args.out or default_out(sim or "dfkd"))
+    write_atomic(run_dir / "config.toml", cfg.to_toml())
+    epochs = cfg.int("dfkd.epochs")
+    print(f"fedkd dfkd: {cfg.str('dfkd.teacher')} -> {cfg.str('dfkd.student')} on {cfg.str('dataset.name')}, "
+          f"preset {cfg.str('synthesis.preset')}, rule {cfg.str('distill.rule')}, {plan.device} -> {run_dir}", flush=True)  # fmt: skip
+    teacher = dfkd.obtain_teacher(plan, run_dir.parent)
+    print(
+        f"teacher accuracy {teacher.accuracy:.4f} ({teacher.source}: {teacher.path}, {teacher.seconds:.1f}s)",
+        flush=True,
+    )
+    summary = dfkd.distill(
+        plan, run_dir, teacher, lambda row: print(dfkd.format_epoch(row, epochs), flush=True), started
+    )
+    print(
+        f"done in {summary['wall_seconds']:.1f}s: student final {summary['student_final_accuracy']:.4f}, "
+        f"best {summary['student_best_accuracy']:.4f}, teacher {summary['teacher_accuracy']:.4f}; results in {run_dir}",
+        flush=True,
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedkd", description="Federated and data-free knowledge-distillation simulator on Flower.")
     p.add_argument("-v", "--verbose", action="store_true", help="log INFO from fedkd and Flower")
@@ -164,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="master seed")
     r.set_defaults(func=cmd_run)
 
+    c = sub.add_parser("compare", help="run sims over several seeds; write a table and a plot")
+    c.add_argument("sims", nargs="+", help="sim TOML files")
+    c.add_argument("--seeds", type=int, default=3, help="seeds per sim (default 3: seeds 0, 1, 2)")
+    c.add_argument("--seed", type=int, help="first seed (default 0)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every sim (repeatable)")
+    c.add_argument("--engine", choices=("local", "ray"), help="simulation engine")
+    c.add_argument("--out", help="output directory (must be new; default: runs/compare-<time>)")
+    c.add_argument("--rounds-log", dest="verbose_rounds", action="store_true", help="print one line per round too")
+    c.set_defaults(func=cmd_compare)
+
     li = sub.add_parser("list", help="list registered plug-ins")
     li.add_argument("--keys", action="store_true", help="list every config key with its default")
     li.set_defaults(func=cmd_list)
@@ -171,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="redraw a run directory's plots")
     pl.add_argument("run_dir")
     pl.set_defaults(func=cmd_plot)
+
+    d = sub.add_parser("dfkd", help="data-free KD: train a teacher, distill a student from generator samples")
+    d.add_argument("sim", nargs="?", help="sim TOML (default: the declared defaults)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    d.add_argument("--out", help="run directory (must not hold a run; default: runs/<sim>-<time>)")
+    d.add_argument("--seed", type=int, help="master seed")
+    d.set_defaults(func=cmd_dfkd)
     return p
 
 
@@ -178,7 +264,9 @@ def _setup_logging(verbose: bool) -> None:
     """fedkd logs at WARNING (INFO with -v); Flower's own console log only with -v."""
     from flwr.supercore.logger import FLOWER_LOGGER  # importing flwr resets its level
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     FLOWER_LOGGER.setLevel(logging.INFO if verbose else logging.ERROR)
     FLOWER_LOGGER.propagate = False
 
@@ -201,3 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> NoReturn:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -16,6 +16,7 @@ validated once, here, and every error names the key.
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import inspect
 import math
@@ -84,6 +85,40 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("round-timeout", 3600.0, "Seconds to wait for client replies in a round.", check=_pos, requirement="> 0"),
     Key("ray.num-cpus", 1.0, "CPUs per client actor on the ray engine.", check=_pos, requirement="> 0"),
     Key("ray.num-gpus", 0.0, "GPUs (fractional) per client actor on the ray engine.", check=_nonneg, requirement="≥ 0"),
+    # ---- data-free KD (`fedkd dfkd`, fedkd/dfkd.py) and the shared synthesis / distillation core
+    Key("dfkd.teacher", "lenet5", "Teacher architecture of `fedkd dfkd` (registered model)."),
+    Key("dfkd.student", "lenet5-half", "Student architecture of `fedkd dfkd` (registered model)."),
+    Key("dfkd.teacher-checkpoint", "", "Teacher checkpoint to load; empty: train it, cached in the run directory's parent."),
+    Key("dfkd.teacher-epochs", 20, "Epochs of teacher training on the real training split.", check=_pos, requirement="≥ 1"),
+    Key("dfkd.teacher-lr", 0.01, "SGD learning rate of teacher training.", check=_pos, requirement="> 0"),
+    Key("dfkd.teacher-momentum", 0.9, "SGD momentum of teacher training.", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
+    Key("dfkd.teacher-batch-size", 64, "Batch size of teacher training.", check=_pos, requirement="≥ 1"),
+    Key("dfkd.epochs", 20, "Distillation epochs (the student is evaluated after each).", check=_pos, requirement="≥ 1"),
+    Key("dfkd.iterations", 50, "Generator steps per distillation epoch.", check=_pos, requirement="≥ 1"),
+    Key("dfkd.threads", 0, "torch CPU threads of `fedkd dfkd` (0: torch's default; 1 is fastest on shared cores).", check=_nonneg, requirement="≥ 0"),
+    Key("generator.name", "image", "Registered generator; its parameters are generator.<name>.<param>."),
+    Key("synthesis.preset", "dfad", "Generator objective preset: dafl, dfad, adi, lra (PAPERS.md), none (no term) or one a strategy registers."),
+    Key("synthesis.weights", "", "Term weight overrides on top of the preset, e.g. 'adv=1,div=0.5' (terms: oh, ie, act, bn, adv, div)."),
+    Key("synthesis.adv-metric", "preset", "Disagreement of the adv term: l1 (DFAD), js (1 − JS, LRA) or the preset's.",
+        choices=("preset", "l1", "js")),  # fmt: skip
+    Key("synthesis.temperature", 3.0, "Temperature of the JS adv term.", check=_pos, requirement="> 0"),
+    Key("synthesis.lr", 1e-3, "Adam learning rate of the generator.", check=_pos, requirement="> 0"),
+    Key("synthesis.batch-size", 256, "Pseudo-samples per generator step and per student step.", check=_pos, requirement="≥ 1"),
+    Key("distill.rule", "plain", "Student update rule: plain (DFAD), replay (MB-DFKD) or lra (retain while acquiring).",
+        choices=("plain", "replay", "lra")),  # fmt: skip
+    Key("distill.lra-order", "second-order", "LRA meta-gradient: through θ' (second-order) or taken at θ' (first-order).",
+        choices=("second-order", "first-order")),  # fmt: skip
+    Key("distill.lra-alpha", 0.9, "LRA acquisition step size α.", check=_pos, requirement="> 0"),
+    Key("distill.loss", "l1", "KD loss of the student: l1 (logits), kl (·T²) or js.", choices=("l1", "kl", "js")),
+    Key("distill.temperature", 1.0, "Temperature of the kl / js KD loss.", check=_pos, requirement="> 0"),
+    Key("distill.steps", 5, "Student steps per generator step (k).", check=_pos, requirement="≥ 1"),
+    Key("distill.lr", 0.01, "SGD learning rate of the student.", check=_pos, requirement="> 0"),
+    Key("distill.momentum", 0.9, "SGD momentum of the student.", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
+    Key("distill.weight-decay", 5e-4, "SGD weight decay of the student.", check=_nonneg, requirement="≥ 0"),
+    Key("distill.memory-capacity", 640, "Memory buffer size in samples (replay, lra); 0: no memory.", check=_nonneg, requirement="≥ 0"),
+    Key("distill.memory-push-every", 25, "Student steps between two pushes to the memory.", check=_pos, requirement="≥ 1"),
+    Key("distill.replay-fraction", 0.125, "Fraction of a batch pushed to, and replayed from, the memory.",
+        check=lambda v: 0 < v <= 1, requirement="in (0, 1]"),  # fmt: skip
 )  # fmt: skip
 
 _CORE = {k.name: k for k in CORE_KEYS}
@@ -126,6 +161,16 @@ PLUGIN_KINDS: dict[str, PluginKind] = {
 def register_plugin_kind(kind: PluginKind) -> None:
     """Let a core module (e.g. generators) declare ``<kind>.<name>.<param>`` keys."""
     PLUGIN_KINDS[kind.kind] = kind
+
+
+def _generators() -> Registry[Any]:
+    from generators import GENERATORS
+
+    return GENERATORS
+
+
+# generator.<name>.<param> ← the generator's constructor; fedkd sets the sample shape and labels.
+register_plugin_kind(PluginKind("generator", _generators, frozenset({"out_shape", "num_classes"})))
 
 
 def kebab(name: str) -> str:
@@ -185,27 +230,6 @@ class Config(Mapping[str, Value]):
     def __len__(self) -> int:
         return len(self._values)
 
-    # typed accessors keep call sites honest
-    def int(self, key: str) -> int:
-        v = self._values[key]
-        assert isinstance(v, int)
-        return v
-
-    def float(self, key: str) -> float:
-        v = self._values[key]
-        assert isinstance(v, int | float)
-        return float(v)
-
-    def str(self, key: str) -> str:
-        v = self._values[key]
-        assert isinstance(v, str)
-        return v
-
-    def bool(self, key: str) -> bool:
-        v = self._values[key]
-        assert isinstance(v, bool)
-        return v
-
     def plugin_kwargs(self, kind: str, name: str) -> dict[str, Value]:
         """Constructor keywords for plug-in ``name``: declared defaults overridden by config."""
         out: dict[str, Value] = {}
@@ -226,6 +250,28 @@ class Config(Mapping[str, Value]):
     @classmethod
     def from_toml(cls, text: str) -> Config:
         return cls(validate(flatten(tomllib.loads(text))))
+
+    # Typed accessors keep call sites honest. They shadow the builtins inside this class,
+    # so they come last and annotate with `builtins.*`.
+    def int(self, key: builtins.str) -> builtins.int:
+        v = self._values[key]
+        assert isinstance(v, builtins.int)
+        return v
+
+    def float(self, key: builtins.str) -> builtins.float:
+        v = self._values[key]
+        assert isinstance(v, builtins.int | builtins.float)
+        return builtins.float(v)
+
+    def str(self, key: builtins.str) -> builtins.str:
+        v = self._values[key]
+        assert isinstance(v, builtins.str)
+        return v
+
+    def bool(self, key: builtins.str) -> builtins.bool:
+        v = self._values[key]
+        assert isinstance(v, builtins.bool)
+        return v
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -276,7 +322,9 @@ def validate(values: Mapping[str, Any]) -> dict[str, Value]:
             raise ConfigError(f"unknown config key {key!r}{_suggest(key, declared_defaults())}")
         registry = PLUGIN_KINDS[kind].registry()
         if name not in registry:
-            raise ConfigError(f"unknown {registry.kind} {name!r} in config key {key!r}; valid: {', '.join(registry.names())}")
+            raise ConfigError(
+                f"unknown {registry.kind} {name!r} in config key {key!r}; valid: {', '.join(registry.names())}"
+            )
         params = plugin_params(kind, name)
         if pname not in params:
             valid = ", ".join(f"{kind}.{name}.{p}" for p in params) or "none"

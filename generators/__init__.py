@@ -11,4 +11,7 @@ from fedkd.registry import Registry
 
 GENERATORS: Registry[Any] = Registry("generator", "fedkd.generators")
 
+# Built-ins register themselves on import.
+from generators import feature, image  # noqa: E402,F401  isort: skip
+
 __all__ = ["GENERATORS"]

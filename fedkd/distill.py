@@ -1,0 +1,540 @@
+"""Knowledge-distillation core: KD losses, ensemble teachers, a memory buffer, student updates.
+
+Everything here is pure (modules and tensors in, tensors and floats out): the centralized
+study (:mod:`fedkd.dfkd`) and the federated strategies call the same code.
+
+The one student-update API is :class:`StudentUpdater`: given a student, a teacher, an
+optimizer and a batch source (a callable returning fresh pseudo-inputs), ``run`` does ``k``
+steps under an :class:`UpdateRule`:
+
+* ``plain`` (DFAD): the KD loss on the fresh batch;
+* ``replay`` (MB-DFKD): the KD loss on the fresh batch ∪ a replayed memory batch;
+* ``lra`` ("Learning to Retain while Acquiring", Patel et al. CVPR 2023): acquisition
+  ``θ' = θ − α ∇L(θ; x_new)``, retention ``L(θ'; x_mem)``, outer step on
+  ``∇θ [β L(θ'; x_mem) + L(θ; x_new ∪ x_mem)]``; ``second-order`` differentiates through
+  ``θ'`` (``create_graph``), ``first-order`` applies the gradient taken at ``θ'`` to ``θ``.
+
+Rules work on functional parameters (:func:`torch.func.functional_call`), so they apply to
+any registered model, BatchNorm included, and the retention gradient really reaches the
+student (the official LRA code loses it through ``higher``'s ``copy_initial_weights``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from fedkd.errors import ConfigError
+from fedkd.registry import Registry
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``(student_logits, teacher_logits) -> scalar`` loss."""
+
+BatchSource = Callable[[], tuple[Tensor, Tensor | None]]
+"""A callable returning a fresh batch of pseudo-inputs and their labels (or ``None``)."""
+
+
+# --------------------------------------------------------------------------- KD losses
+
+
+def kd_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Hinton's KD loss ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over the batch.
+
+    Parameters
+    ----------
+    student, teacher : Tensor
+        Logits ``(B, C)``.
+    temperature : float
+        Softening temperature ``T``.
+    """
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True
+    ) * (t * t)
+
+
+def kd_l1(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean absolute difference of logits (DFAD, LRA); ``temperature`` is ignored."""
+    return F.l1_loss(student, teacher)
+
+
+def js_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Jensen–Shannon divergence of ``softmax(s/T)`` and ``softmax(t/T)`` in nats, batch mean.
+
+    ``JS = ½ KL(p ‖ m) + ½ KL(q ‖ m)`` with ``m = (p + q) / 2``; it lies in ``[0, ln 2]``.
+    """
+    lp = F.log_softmax(student / temperature, 1)
+    lq = F.log_softmax(teacher / temperature, 1)
+    lm = torch.logsumexp(torch.stack([lp, lq]), 0) - math.log(2.0)
+    kl_pm = (lp.exp() * (lp - lm)).sum(1)
+    kl_qm = (lq.exp() * (lq - lm)).sum(1)
+    return (0.5 * (kl_pm + kl_qm)).mean()
+
+
+KD_LOSSES: Registry[Callable[[Tensor, Tensor, float], Tensor]] = Registry("KD loss")
+KD_LOSSES.add("kl", kd_kl)
+KD_LOSSES.add("l1", kd_l1)
+KD_LOSSES.add("js", js_divergence)
+
+
+def kd_loss(name: str, temperature: float = 1.0) -> LossFn:
+    """The registered KD loss ``name`` as a two-argument function ``(student, teacher)``."""
+    fn = KD_LOSSES.get(name)
+    if temperature <= 0:
+        raise ConfigError(f"KD temperature must be > 0, got {temperature}")
+
+    def loss(student: Tensor, teacher: Tensor) -> Tensor:
+        return fn(student, teacher, temperature)
+
+    loss.__name__ = f"kd_{name}"
+    return loss
+
+
+# --------------------------------------------------------------------------- teachers
+
+
+class EnsembleTeacher(nn.Module):
+    """An ensemble of classifiers acting as one teacher.
+
+    Uniform (``label_counts=None``): every member weighs ``1/K``. Class-level (FedFTG,
+    DENSE, FedGen): for a sample of label ``y`` member ``k`` weighs
+    ``w[k, y] = counts[k, y] / Σ_j counts[j, y]``, its share of class ``y``; a class that no
+    member holds falls back to uniform weights. The weighted combination is taken over
+    logits (``average="logits"``, FedDF) or over softmax probabilities
+    (``average="probs"``, FedFTG), whose log is returned as logits.
+
+    Members can be whole models (``x → logits``) or classifier heads (feature-space
+    teachers for FedGen). The ensemble is put in eval mode and left there by the caller.
+
+    Parameters
+    ----------
+    members : sequence of nn.Module
+        Classifiers mapping the same inputs to logits over the same classes.
+    label_counts : array-like of shape (K, C), optional
+        Per-member label counts for class-level weights.
+    average : {"logits", "probs"}
+        The space in which members are combined.
+    """
+
+    def __init__(
+        self, members: Sequence[nn.Module], label_counts: Tensor | np.ndarray | None = None, average: str = "logits"
+    ) -> None:
+        super().__init__()
+        if not members:
+            raise ConfigError("an ensemble teacher needs at least one member")
+        if average not in ("logits", "probs"):
+            raise ConfigError(f"ensemble average must be 'logits' or 'probs', got {average!r}")
+        self.members = nn.ModuleList(members)
+        self.average = average
+        self.class_weights: Tensor | None
+        if label_counts is None:
+            self.class_weights = None
+        else:
+            counts = torch.as_tensor(np.asarray(label_counts), dtype=torch.float32)
+            if counts.ndim != 2 or counts.shape[0] != len(members) or bool((counts < 0).any()):
+                raise ConfigError(
+                    f"label_counts must be a non-negative ({len(members)}, C) matrix, got shape {tuple(counts.shape)}"
+                )
+            total = counts.sum(0, keepdim=True)
+            w = torch.where(total > 0, counts / total.clamp_min(1e-12), torch.full_like(counts, 1.0 / len(members)))
+            self.register_buffer("class_weights", w)
+
+    def member_weights(self, batch: int, y: Tensor | None, logits: Tensor) -> Tensor:
+        """Weights ``(B, K)`` of the members for each sample.
+
+        Class-level weights need the sample labels ``y``; without them each sample's label
+        is taken as the uniform ensemble's prediction.
+        """
+        k = len(self.members)
+        if self.class_weights is None:
+            return logits.new_full((batch, k), 1.0 / k)
+        if y is None:
+            y = logits.mean(0).argmax(1)
+        return self.class_weights[:, y].T.to(logits.dtype)
+
+    def _combine(self, logits: Tensor, y: Tensor | None) -> Tensor:
+        w = self.member_weights(logits.shape[1], y, logits)  # logits: (K, B, C)
+        if self.average == "logits":
+            return torch.einsum("bk,kbc->bc", w, logits)
+        logw = torch.log(w.clamp_min(1e-30)).T.unsqueeze(-1)  # (K, B, 1)
+        return torch.logsumexp(logw + F.log_softmax(logits, -1), 0)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Ensemble logits ``(B, C)`` for inputs ``x`` (and labels ``y`` for class weights)."""
+        return self._combine(torch.stack([m(x) for m in self.members]), y)
+
+    def forward_features(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Ensemble logits and the members' features concatenated (``None`` for heads)."""
+        outs = [logits_and_features(m, x) for m in self.members]
+        feats = [f for _, f in outs if f is not None]
+        cat = torch.cat(feats, 1) if len(feats) == len(outs) else None
+        return self._combine(torch.stack([lg for lg, _ in outs]), y), cat
+
+
+def logits_and_features(model: nn.Module, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Logits of ``model`` on ``x`` and the features feeding its classifier, if it has them.
+
+    Works for fedkd models (``features`` + ``classifier``), :class:`EnsembleTeacher` and any
+    plain ``x → logits`` module (features ``None``).
+    """
+    if isinstance(model, EnsembleTeacher):
+        return model.forward_features(x, y)
+    features = getattr(model, "features", None)
+    classifier = getattr(model, "classifier", None)
+    if callable(features) and isinstance(classifier, nn.Module):
+        h = features(x)
+        return classifier(h), h
+    return model(x), None
+
+
+def teacher_logits(teacher: nn.Module, x: Tensor, y: Tensor | None = None) -> Tensor:
+    """Teacher logits; labels reach an :class:`EnsembleTeacher` (class-level weights)."""
+    if isinstance(teacher, EnsembleTeacher):
+        return teacher(x, y)
+    return teacher(x)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class MemoryBuffer:
+    """A FIFO memory of past pseudo-samples (MB-DFKD, LRA).
+
+    Every ``push_every``-th call of :meth:`observe` stores ``⌈fraction · B⌉`` random
+    samples of the observed batch; :meth:`sample` replays ``⌈fraction · B⌉`` stored samples
+    for a new batch of ``B``. The oldest samples leave first once ``capacity`` is reached.
+    LRA's code keeps 10 batches of ``bs/8``, pushing every 5 epochs: ``capacity = 10·bs/8``,
+    ``fraction = 1/8``.
+
+    Parameters
+    ----------
+    capacity : int
+        Maximum number of stored samples (≥ 1).
+    push_every : int
+        Observed batches between two pushes (≥ 1).
+    fraction : float
+        Fraction of a batch pushed, and replayed per step, in ``(0, 1]``.
+    seed : int
+        Seed of the buffer's own random stream (which samples are pushed and replayed).
+    """
+
+    def __init__(self, capacity: int, push_every: int = 1, fraction: float = 0.125, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ConfigError(f"memory capacity must be ≥ 1, got {capacity}")
+        if push_every < 1:
+            raise ConfigError(f"memory push period must be ≥ 1, got {push_every}")
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"memory replay fraction must be in (0, 1], got {fraction}")
+        self.capacity = capacity
+        self.push_every = push_every
+        self.fraction = fraction
+        self._rng = torch.Generator().manual_seed(seed)
+        self._x: Tensor | None = None
+        self._y: Tensor | None = None
+        self._seen = 0
+
+    def __len__(self) -> int:
+        return 0 if self._x is None else len(self._x)
+
+    def chunk(self, batch_size: int) -> int:
+        """Samples pushed or replayed for a batch of ``batch_size``."""
+        return max(1, math.ceil(self.fraction * batch_size))
+
+    def _pick(self, n: int, k: int) -> Tensor:
+        return torch.randperm(n, generator=self._rng)[:k]
+
+    def push(self, x: Tensor, y: Tensor | None = None) -> None:
+        """Store ``x`` (and labels ``y``), detached, evicting the oldest beyond capacity."""
+        if self._x is not None and (self._y is None) != (y is None):
+            raise ValueError("a memory buffer holds either labelled or unlabelled samples, not both")
+        x = x.detach() if self._x is None else torch.cat([self._x, x.detach()])
+        self._x = x[-self.capacity :]
+        if y is not None:
+            y = y.detach() if self._y is None else torch.cat([self._y, y.detach()])
+            self._y = y[-self.capacity :]
+
+    def observe(self, x: Tensor, y: Tensor | None = None) -> bool:
+        """Count a batch; on every ``push_every``-th one push a random chunk. Returns whether it pushed."""
+        self._seen += 1
+        if self._seen % self.push_every:
+            return False
+        idx = self._pick(len(x), self.chunk(len(x))).to(x.device)
+        self.push(x[idx], None if y is None else y[idx])
+        return True
+
+    def sample(self, batch_size: int) -> tuple[Tensor, Tensor | None] | None:
+        """A replay batch for a new batch of ``batch_size`` (``None`` while empty)."""
+        if self._x is None:
+            return None
+        idx = self._pick(len(self._x), min(self.chunk(batch_size), len(self._x))).to(self._x.device)
+        return self._x[idx], None if self._y is None else self._y[idx]
+
+
+# --------------------------------------------------------------------------- update rules
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Pseudo-inputs and their teacher logits."""
+
+    x: Tensor
+    target: Tensor
+
+
+def union(a: Batch, b: Batch | None) -> Batch:
+    """``a ∪ b`` (``a`` when ``b`` is ``None``)."""
+    if b is None:
+        return a
+    return Batch(torch.cat([a.x, b.x]), torch.cat([a.target, b.target]))
+
+
+Params = dict[str, Tensor]
+
+
+def functional_loss(student: nn.Module, params: Params, loss_fn: LossFn, batch: Batch) -> Tensor:
+    """``L(params; batch)``: the KD loss of ``student`` evaluated with ``params``."""
+    return loss_fn(functional_call(student, params, (batch.x,)), batch.target)
+
+
+def param_grads(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False) -> list[Tensor]:
+    """``∇ loss`` w.r.t. ``params``; parameters the loss does not use get zeros."""
+    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+
+
+class UpdateRule(ABC):
+    """How one student step turns a fresh batch (and a memory batch) into parameter gradients."""
+
+    uses_memory: ClassVar[bool] = False
+
+    @abstractmethod
+    def gradients(
+        self, student: nn.Module, params: Params, loss_fn: LossFn, new: Batch, mem: Batch | None
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        """Gradients for ``params`` (in order) and the step's scalar statistics.
+
+        Parameters
+        ----------
+        student : nn.Module
+            The student; evaluated functionally with ``params``.
+        params : dict of str to Tensor
+            The student's trainable parameters (leaves requiring grad).
+        loss_fn : LossFn
+            KD loss ``(student_logits, teacher_logits) -> scalar``.
+        new : Batch
+            The fresh pseudo-batch with teacher logits.
+        mem : Batch or None
+            A replayed memory batch, or ``None`` (no memory yet, or a rule without one).
+
+        Returns
+        -------
+        grads : list of Tensor
+            One gradient per entry of ``params``.
+        stats : dict of str to float
+            Always the same keys for a given rule; ``kd_loss`` is the loss on the fresh batch.
+        """
+
+
+UPDATE_RULES: Registry[Callable[..., UpdateRule]] = Registry("update rule")
+
+
+@UPDATE_RULES.register("plain")
+class PlainRule(UpdateRule):
+    """DFAD: a step on ``L(θ; x_new)``; memory is not used."""
+
+    def gradients(
+        self, student: nn.Module, params: Params, loss_fn: LossFn, new: Batch, mem: Batch | None
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        loss = functional_loss(student, params, loss_fn, new)
+        return param_grads(loss, list(params.values())), {"kd_loss": float(loss.detach())}
+
+
+@UPDATE_RULES.register("replay")
+class ReplayRule(UpdateRule):
+    """MB-DFKD: a step on ``L(θ; x_new ∪ x_mem)``."""
+
+    uses_memory = True
+
+    def gradients(
+        self, student: nn.Module, params: Params, loss_fn: LossFn, new: Batch, mem: Batch | None
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        both = union(new, mem)
+        out = functional_call(student, params, (both.x,))
+        loss = loss_fn(out, both.target)
+        with torch.no_grad():  # the fresh part of the same forward, for the statistics
+            kd = loss_fn(out[: len(new.x)], new.target)
+        return param_grads(loss, list(params.values())), {"kd_loss": float(kd)}
+
+
+LRA_ORDERS = ("second-order", "first-order")
+
+
+@UPDATE_RULES.register("lra")
+class LRARule(UpdateRule):
+    """Learning to Retain while Acquiring: a meta-update with acquisition and retention.
+
+    With ``g_new = ∇L(θ; x_new)`` and ``θ' = θ − α g_new``, the step's gradient is
+    ``β ∇θ L(θ'; x_mem) + ∇θ L(θ; x_new ∪ x_mem)``. Second order,
+    ``∇θ L(θ'; x_mem) = (I − α H_new) g_mem(θ')`` (``H_new`` the Hessian of
+    ``L(·; x_new)`` at θ), whose Taylor expansion carries the alignment term
+    ``−α ∇(g_new · g_mem)``. First order drops ``H_new``: ``g_mem(θ')`` is applied to θ.
+    While the memory is empty the step is ``∇L(θ; x_new)``.
+
+    Parameters
+    ----------
+    order : {"second-order", "first-order"}
+    alpha : float
+        Acquisition (inner) step size α (0.9 in the official code).
+    retention_weight : float
+        β, the weight of the retention loss; 0 cuts retention off (then this is replay).
+    """
+
+    uses_memory = True
+
+    def __init__(self, order: str = "second-order", alpha: float = 0.9, retention_weight: float = 1.0) -> None:
+        if order not in LRA_ORDERS:
+            raise ConfigError(f"LRA order must be one of {', '.join(LRA_ORDERS)}; got {order!r}")
+        if alpha <= 0 or not math.isfinite(alpha):
+            raise ConfigError(f"LRA alpha must be > 0, got {alpha}")
+        if retention_weight < 0:
+            raise ConfigError(f"LRA retention weight must be ≥ 0, got {retention_weight}")
+        self.order = order
+        self.alpha = alpha
+        self.retention_weight = retention_weight
+
+    def gradients(
+        self, student: nn.Module, params: Params, loss_fn: LossFn, new: Batch, mem: Batch | None
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        names, leaves = list(params), list(params.values())
+        acq = functional_loss(student, params, loss_fn, new)
+        if mem is None or self.retention_weight == 0:
+            cur = acq if mem is None else functional_loss(student, params, loss_fn, union(new, mem))
+            return param_grads(cur, leaves), {"kd_loss": float(acq.detach()), "ret_loss": math.nan}
+        second = self.order == "second-order"
+        g_new = param_grads(acq, leaves, create_graph=second)
+        if second:
+            adapted = {n: p - self.alpha * g for n, p, g in zip(names, leaves, g_new, strict=True)}
+        else:
+            adapted = {
+                n: (p - self.alpha * g).detach().requires_grad_(True)
+                for n, p, g in zip(names, leaves, g_new, strict=True)
+            }
+        ret = functional_loss(student, adapted, loss_fn, mem)
+        cur = functional_loss(student, params, loss_fn, union(new, mem))
+        if second:
+            grads = param_grads(self.retention_weight * ret + cur, leaves)
+        else:
+            g_ret = param_grads(ret, list(adapted.values()))
+            g_cur = param_grads(cur, leaves)
+            grads = [gc + self.retention_weight * gr for gc, gr in zip(g_cur, g_ret, strict=True)]
+        return grads, {"kd_loss": float(acq.detach()), "ret_loss": float(ret.detach())}
+
+
+# --------------------------------------------------------------------------- the student update API
+
+
+class StudentUpdater:
+    """``k`` distillation steps of a student on pseudo-samples: the one student-update API.
+
+    Parameters
+    ----------
+    rule : UpdateRule
+        ``plain``, ``replay``, ``lra`` or any registered rule.
+    loss_fn : LossFn
+        KD loss ``(student_logits, teacher_logits) -> scalar``, e.g. ``kd_loss("l1")``.
+    memory : MemoryBuffer, optional
+        Needed by rules with ``uses_memory``; every step pushes to it on its schedule, so
+        keep the same updater (and buffer) across rounds to keep the memory.
+
+    Examples
+    --------
+    On a federated server, after aggregation (teacher: an :class:`EnsembleTeacher` of client
+    models, source: a :class:`~fedkd.synthesis.Synthesizer`'s ``source()``)::
+
+        updater = StudentUpdater(UPDATE_RULES.build("lra"), kd_loss("l1"), MemoryBuffer(640, 25))
+        stats = updater.run(global_model, teacher, optimizer, synthesizer.source(), steps=5)
+    """
+
+    def __init__(self, rule: UpdateRule, loss_fn: LossFn, memory: MemoryBuffer | None = None) -> None:
+        if rule.uses_memory and memory is None:
+            raise ConfigError(f"update rule {type(rule).__name__} needs a memory buffer (capacity ≥ 1)")
+        self.rule = rule
+        self.loss_fn = loss_fn
+        self.memory = memory if rule.uses_memory else None
+
+    def gradients(
+        self, student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor | None = None
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        """Gradients of one step for the student's trainable parameters (nothing is changed)."""
+        with torch.no_grad():
+            new = Batch(x, teacher_logits(teacher, x, y))
+            mem = None
+            replay = self.memory.sample(len(x)) if self.memory is not None else None
+            if replay is not None:
+                mem = Batch(replay[0], teacher_logits(teacher, replay[0], replay[1]))
+        params: Params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        return self.rule.gradients(student, params, self.loss_fn, new, mem)
+
+    def step(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x: Tensor,
+        y: Tensor | None = None,
+    ) -> dict[str, float]:
+        """One step on the fresh batch ``x`` (labels ``y`` optional); returns its statistics.
+
+        The teacher runs under ``no_grad``; the student is updated by ``optimizer`` and its
+        mode (train/eval) is left as the caller set it. The batch is then offered to the
+        memory.
+        """
+        grads, stats = self.gradients(student, teacher, x, y)
+        params = [p for p in student.parameters() if p.requires_grad]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.memory is not None:
+            self.memory.observe(x, y)
+        return stats
+
+    def run(
+        self, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, source: BatchSource, steps: int
+    ) -> dict[str, float]:
+        """``steps`` steps, each on a fresh batch from ``source``; mean statistics (NaNs skipped)."""
+        acc: dict[str, list[float]] = {}
+        for _ in range(steps):
+            x, y = source()
+            for k, v in self.step(student, teacher, optimizer, x, y).items():
+                acc.setdefault(k, []).append(v)
+        return {k: _nanmean(v) for k, v in acc.items()}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def build_rule(name: str, **options: object) -> UpdateRule:
+    """Build the registered rule ``name`` with the ``options`` its constructor takes.
+
+    Options a rule does not accept are ignored, so one call site can pass every knob
+    (``order``, ``alpha``, ...) whatever rule is chosen.
+    """
+    factory = UPDATE_RULES.get(name)
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in options.items() if k in accepted})

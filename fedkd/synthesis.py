@@ -1,0 +1,405 @@
+"""Generator objectives for data-free distillation, and the :class:`Synthesizer` that trains a generator.
+
+The generator's loss is a weighted sum of named terms (a zero weight skips a term):
+
+* ``oh``: cross-entropy of the teacher on ``G(z)``, toward the sampled label for a
+  conditional generator, else toward the teacher's own argmax (DAFL);
+* ``ie``: ``log C − H(mean softmax)``, i.e. the information entropy of the batch-mean
+  teacher prediction, maximized so classes stay balanced (DAFL);
+* ``act``: ``−mean |features|`` of the teacher (DAFL's activation term);
+* ``bn``: DeepInversion's ``Σ_layers ‖μ_batch − μ_run‖₂ + ‖σ²_batch − σ²_run‖₂`` over the
+  teacher's BatchNorm layers, collected by forward hooks that are always removed;
+* ``adv``: student–teacher disagreement, maximized: ``−L1(logits)`` (DFAD, ZSKT) or
+  ``1 − JS`` at temperature T (LRA, ADI);
+* ``div``: mode seeking (Mao et al. 2019): ``1 / (ratio + ε)`` where ``ratio`` is the mean
+  over sample pairs of ``mean|G(z₁) − G(z₂)| / mean|z₁ − z₂|``.
+
+Presets (``PRESETS``): ``dafl`` = oh 1 + ie 5 + act 0.1; ``dfad`` = adv (L1) 1;
+``adi`` = bn 1 + oh 1 + adv (JS) 1; ``lra`` = oh 1 + ie 5 + act 0.1 + adv (1 − JS, T = 3) 1;
+``none`` has no term (give them with ``synthesis.weights``).
+
+A teacher is any classifier: one model, or an :class:`~fedkd.distill.EnsembleTeacher`;
+for a feature-space generator (FedGen) it is a classifier head or an ensemble of heads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fedkd.distill import BatchSource, js_divergence, logits_and_features
+from fedkd.errors import ConfigError
+from fedkd.registry import Registry
+
+log = logging.getLogger(__name__)
+
+TERMS: tuple[str, ...] = ("oh", "ie", "act", "bn", "adv", "div")
+ADV_METRICS: tuple[str, ...] = ("l1", "js")
+
+
+# --------------------------------------------------------------------------- the terms
+
+
+def oh_loss(logits: Tensor, y: Tensor | None = None) -> Tensor:
+    """Cross-entropy toward ``y``, or toward the argmax of ``logits`` when ``y`` is ``None``."""
+    target = logits.detach().argmax(1) if y is None else y
+    return F.cross_entropy(logits, target)
+
+
+def ie_loss(logits: Tensor) -> Tensor:
+    """``log C − H(p̄)``, with ``p̄`` the batch-mean softmax: 0 when classes are balanced."""
+    mean = F.softmax(logits, 1).mean(0)
+    entropy = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+    return math.log(logits.shape[1]) - entropy
+
+
+def act_loss(features: Tensor) -> Tensor:
+    """``−mean |features|``: DAFL's activation term (strong activations look like real data)."""
+    return -features.abs().mean()
+
+
+def adv_loss(student: Tensor, teacher: Tensor, metric: str = "l1", temperature: float = 3.0) -> Tensor:
+    """Disagreement to *maximize*, as a loss to minimize.
+
+    ``l1``: ``−mean |s − t|`` (DFAD). ``js``: ``1 − JS(softmax(s/T) ‖ softmax(t/T))`` (LRA).
+    """
+    if metric == "l1":
+        return -F.l1_loss(student, teacher)
+    if metric == "js":
+        return 1.0 - js_divergence(student, teacher, temperature)
+    raise ConfigError(f"unknown adversarial metric {metric!r}; valid: {', '.join(ADV_METRICS)}")
+
+
+def div_loss(x: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
+    """Mode seeking: ``1 / (ratio + eps)`` with ``ratio`` the mean over pairs ``(i, i + B/2)``
+    of ``mean|x_i − x_j| / mean|z_i − z_j|``; a batch of one sample gives 0."""
+    half = x.shape[0] // 2
+    if half == 0:
+        return x.new_zeros(())
+    dx = (x[:half] - x[half : 2 * half]).abs().flatten(1).mean(1)
+    dz = (z[:half] - z[half : 2 * half]).abs().flatten(1).mean(1)
+    return 1.0 / ((dx / dz.clamp_min(eps)).mean() + eps)
+
+
+def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` that track running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+class BNStatistics:
+    """DeepInversion's BN-statistics loss, gathered by forward hooks on ``model``'s BN layers.
+
+    Use as a context manager: hooks are registered on enter and removed on exit, even when
+    the forward raises. Inside, every forward of ``model`` adds to :attr:`loss`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = bn_layers(model)
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.terms: list[Tensor] = []
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        x = inputs[0]
+        dims = [d for d in range(x.ndim) if d != 1]
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        assert module.running_mean is not None and module.running_var is not None
+        self.terms.append(
+            torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var)
+        )
+
+    def __enter__(self) -> BNStatistics:
+        self.terms = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    @property
+    def loss(self) -> Tensor:
+        """Sum over the hooked layers (and forwards) so far."""
+        if not self.terms:
+            raise RuntimeError("no BatchNorm statistics were collected")
+        return torch.stack(self.terms).sum()
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A generator objective: term weights, the adversarial metric and its temperature.
+
+    Attributes
+    ----------
+    weights : mapping of str to float
+        Weight per term of :data:`TERMS`; terms absent or at 0 are skipped.
+    adv_metric : {"l1", "js"}
+    temperature : float
+        Temperature of the JS adversarial term (LRA: 3).
+    """
+
+    weights: Mapping[str, float] = field(default_factory=dict)
+    adv_metric: str = "l1"
+    temperature: float = 3.0
+
+    def __post_init__(self) -> None:
+        for term, w in self.weights.items():
+            if term not in TERMS:
+                raise ConfigError(f"unknown generator loss term {term!r}; valid: {', '.join(TERMS)}")
+            if not (w >= 0 and math.isfinite(w)):
+                raise ConfigError(f"the weight of generator loss term {term!r} must be ≥ 0, got {w}")
+        if self.adv_metric not in ADV_METRICS:
+            raise ConfigError(f"unknown adversarial metric {self.adv_metric!r}; valid: {', '.join(ADV_METRICS)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"synthesis temperature must be > 0, got {self.temperature}")
+
+    @property
+    def active(self) -> dict[str, float]:
+        """The terms with a positive weight, in :data:`TERMS` order."""
+        return {t: float(self.weights[t]) for t in TERMS if self.weights.get(t, 0.0) > 0}
+
+    def with_weights(self, overrides: Mapping[str, float]) -> Objective:
+        """A copy with some weights replaced (or added)."""
+        return Objective({**self.weights, **overrides}, self.adv_metric, self.temperature)
+
+
+PRESETS: Registry[Objective] = Registry("synthesis preset")
+PRESETS.add("dafl", Objective({"oh": 1.0, "ie": 5.0, "act": 0.1}))
+PRESETS.add("dfad", Objective({"adv": 1.0}, adv_metric="l1"))
+PRESETS.add("adi", Objective({"bn": 1.0, "oh": 1.0, "adv": 1.0}, adv_metric="js"))
+PRESETS.add("lra", Objective({"oh": 1.0, "ie": 5.0, "act": 0.1, "adv": 1.0}, adv_metric="js", temperature=3.0))
+PRESETS.add("none", Objective({}))
+
+
+def parse_weights(text: str, key: str = "synthesis.weights") -> dict[str, float]:
+    """``"oh=1, adv=0.5"`` → ``{"oh": 1.0, "adv": 0.5}``; unknown terms and negative weights are errors."""
+    out: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        term, sep, raw = item.partition("=")
+        term = term.strip()
+        if not sep:
+            raise ConfigError(f"{key}: expected TERM=WEIGHT, got {item!r}")
+        if term not in TERMS:
+            raise ConfigError(f"{key}: unknown term {term!r}; valid: {', '.join(TERMS)}")
+        try:
+            w = float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: the weight of {term!r} must be a number, got {raw.strip()!r}") from None
+        if not (w >= 0 and math.isfinite(w)):
+            raise ConfigError(f"{key}: the weight of {term!r} must be ≥ 0, got {raw.strip()}")
+        out[term] = w
+    return out
+
+
+def make_objective(
+    preset: str, weights: str = "", adv_metric: str = "preset", temperature: float | None = None
+) -> Objective:
+    """A preset, with weight overrides (``"term=w,..."``), metric and temperature overrides."""
+    base = PRESETS.get(preset)
+    obj = base.with_weights(parse_weights(weights))
+    metric = obj.adv_metric if adv_metric == "preset" else adv_metric
+    obj = Objective(obj.weights, metric, obj.temperature if temperature is None else temperature)
+    if not obj.active:
+        raise ConfigError(
+            f"synthesis preset {preset!r} with weights {weights!r} leaves the generator loss with no term"
+        )
+    return obj
+
+
+# --------------------------------------------------------------------------- the synthesizer
+
+
+class Synthesizer:
+    """Trains a generator against a teacher (and a student) and serves its pseudo-samples.
+
+    Parameters
+    ----------
+    generator : nn.Module
+        A registered generator (``forward(z, y=None)``, ``latent_dim``, ``conditional``),
+        already on the device to use.
+    objective : Objective
+        Term weights; see :data:`PRESETS` and :func:`make_objective`.
+    batch_size : int
+        Samples per generator step and per :meth:`source` batch.
+    lr : float
+        Adam learning rate of the generator (DFAD: 1e-3).
+    label_prior : Tensor, optional
+        Probabilities ``(C,)`` of the sampled labels (FedFTG / FedGen: the clients' summed
+        label counts, normalized); uniform by default.
+    seed : int
+        Seed of the noise and label stream.
+
+    Notes
+    -----
+    The teacher is used as given: put it in eval mode (the ``bn`` term requires it). No
+    gradient is accumulated in the teacher or the student: a step differentiates w.r.t.
+    the generator's parameters only.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        objective: Objective,
+        batch_size: int,
+        lr: float = 1e-3,
+        label_prior: Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"synthesis batch size must be ≥ 1, got {batch_size}")
+        if not lr > 0:
+            raise ConfigError(f"generator learning rate must be > 0, got {lr}")
+        self.generator = generator
+        self.objective = objective
+        self.batch_size = batch_size
+        # the generator contract (see generators/): plain attributes, not submodules or tensors
+        self.num_classes: int = getattr(generator, "num_classes")  # noqa: B009
+        self.latent_dim: int = getattr(generator, "latent_dim")  # noqa: B009
+        self.conditional: bool = bool(getattr(generator, "conditional"))  # noqa: B009
+        if label_prior is not None:
+            label_prior = torch.as_tensor(label_prior, dtype=torch.float64).flatten()
+            if (
+                label_prior.numel() != self.num_classes
+                or bool((label_prior < 0).any())
+                or float(label_prior.sum()) <= 0
+            ):
+                raise ConfigError(f"label prior must be {self.num_classes} non-negative numbers with a positive sum")
+            label_prior = label_prior / label_prior.sum()
+        self.label_prior = label_prior
+        self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+        self._rng = torch.Generator().manual_seed(seed)
+
+    @property
+    def device(self) -> torch.device:
+        """The generator's device."""
+        return next(self.generator.parameters()).device
+
+    def check(self, teacher: nn.Module, student: nn.Module | None = None) -> None:
+        """Raise :class:`ConfigError` if the objective cannot be computed with these models."""
+        active = self.objective.active
+        if "bn" in active and not bn_layers(teacher):
+            raise ConfigError(
+                "generator loss term 'bn' needs a teacher with BatchNorm layers (e.g. resnet8, mobilenetv2)"
+            )
+        if "adv" in active and student is None:
+            raise ConfigError("generator loss term 'adv' needs a student")
+        if "act" in active:
+            # a side-effect-free probe: no noise drawn, no BN statistics updated
+            with torch.no_grad(), eval_mode(self.generator, teacher):
+                z = torch.zeros(2, self.latent_dim, device=self.device)
+                y = torch.zeros(2, dtype=torch.long, device=self.device) if self.conditional else None
+                _, feats = logits_and_features(teacher, self.generator(z, y), y)
+            if feats is None:
+                raise ConfigError("generator loss term 'act' needs a teacher with features")
+
+    def _noise(self, n: int) -> tuple[Tensor, Tensor | None]:
+        z = torch.randn(n, self.latent_dim, generator=self._rng)
+        y: Tensor | None = None
+        if self.conditional:
+            if self.label_prior is None:
+                y = torch.randint(self.num_classes, (n,), generator=self._rng)
+            else:
+                y = torch.multinomial(self.label_prior, n, replacement=True, generator=self._rng)
+        dev = self.device
+        return z.to(dev), None if y is None else y.to(dev)
+
+    def sample(self, n: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(x, y, z)``: ``n`` samples (default: the batch size); ``y`` is ``None`` if unconditional.
+
+        Gradients flow to the generator unless called under ``torch.no_grad()``.
+        """
+        z, y = self._noise(n or self.batch_size)
+        return self.generator(z, y), y, z
+
+    def loss(self, teacher: nn.Module, student: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator loss on a fresh batch and each active term (unweighted)."""
+        active = self.objective.active
+        terms: dict[str, Tensor] = {}
+        x, y, z = self.sample()
+        stats = BNStatistics(teacher) if "bn" in active else None
+        if stats is not None:
+            if any(m.training for m in stats.layers):
+                raise ValueError("generator loss term 'bn' needs the teacher in eval mode")
+            with stats:
+                t_logits, feats = logits_and_features(teacher, x, y)
+            terms["bn"] = stats.loss
+        else:
+            t_logits, feats = logits_and_features(teacher, x, y)
+        if "oh" in active:
+            terms["oh"] = oh_loss(t_logits, y)
+        if "ie" in active:
+            terms["ie"] = ie_loss(t_logits)
+        if "act" in active:
+            if feats is None:
+                raise ConfigError("generator loss term 'act' needs a teacher with features")
+            terms["act"] = act_loss(feats)
+        if "adv" in active:
+            if student is None:
+                raise ConfigError("generator loss term 'adv' needs a student")
+            terms["adv"] = adv_loss(student(x), t_logits, self.objective.adv_metric, self.objective.temperature)
+        if "div" in active:
+            terms["div"] = div_loss(x, z)
+        total = torch.stack([active[t] * terms[t] for t in TERMS if t in terms]).sum()
+        return total, terms
+
+    def step(self, teacher: nn.Module, student: nn.Module | None = None) -> dict[str, float]:
+        """One generator update; returns ``g_loss`` and ``g_<term>`` for every active term."""
+        self.generator.train()
+        total, terms = self.loss(teacher, student)
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = None if g is None else g.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {"g_loss": float(total.detach())}
+        out.update({f"g_{t}": float(v.detach()) for t, v in terms.items()})
+        log.debug("generator step: %s", out)
+        return out
+
+    def source(self) -> BatchSource:
+        """A batch source for :class:`~fedkd.distill.StudentUpdater`: fresh ``(x, y)``, no gradient."""
+
+        def draw() -> tuple[Tensor, Tensor | None]:
+            with torch.no_grad():
+                x, y, _ = self.sample()
+            return x, y
+
+        return draw
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator and optimizer state (for checkpoints / sending to clients)."""
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+
+def build_generator(name: str, out_shape: tuple[int, ...], num_classes: int, **params: Any) -> nn.Module:
+    """Build the registered generator ``name`` for samples of ``out_shape`` and ``num_classes`` labels."""
+    from generators import GENERATORS
+
+    return GENERATORS.build(name, out_shape=tuple(out_shape), num_classes=num_classes, **params)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily put ``modules`` in eval mode, restoring each one's mode afterwards."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)

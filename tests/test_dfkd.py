@@ -1,0 +1,217 @@
+"""`fedkd dfkd`: bad input (exit 2, one line), end-to-end runs, the teacher cache, shipped sims."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedkd.cli import main
+from fedkd.config import load_config
+from fedkd.data import load_dataset
+from fedkd.dfkd import save_teacher
+from fedkd.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few seconds on 2 CPU cores: sklearn's 8×8 digits, tiny generator, a handful of steps.
+FAST = [
+    "dataset.name=digits",
+    "dfkd.threads=1",
+    "dfkd.epochs=2",
+    "dfkd.iterations=2",
+    "dfkd.teacher-epochs=5",
+    "dfkd.teacher-lr=0.05",
+    "distill.steps=2",
+    "synthesis.batch-size=32",
+    "generator.image.base-channels=4",
+    "generator.image.latent-dim=16",
+    "distill.memory-push-every=1",
+]
+SUMMARY_KEYS = {
+    "teacher_accuracy",
+    "student_final_accuracy",
+    "student_best_accuracy",
+    "mean_accuracy",
+    "var_accuracy",
+    "wall_seconds",
+}
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _dfkd(out: Path, *extra: str, sim: str | None = None) -> int:
+    return main(["dfkd", *([sim] if sim else []), "--out", str(out), *_sets(FAST), *extra])
+
+
+@pytest.fixture
+def digits_teacher_ckpt(tmp_path: Path) -> Path:
+    """A fedkd teacher checkpoint for lenet5 on 8×8 digits (untrained weights suffice)."""
+    ds = load_dataset("digits")
+    path = tmp_path / "digits-lenet5.pt"
+    save_teacher(path, build_model("lenet5", ds.shape, ds.num_classes), "lenet5", ds, 0.0)
+    return path
+
+
+BAD = [
+    (["--set", "synthesis.preset=dfkd"], "synthesis.preset: unknown preset 'dfkd'; valid: adi, dafl, dfad,"),
+    (["--set", "synthesis.weights=foo=1"], "synthesis.weights: unknown term 'foo'"),
+    (["--set", "synthesis.weights=oh=-1"], "synthesis.weights: the weight of 'oh' must be ≥ 0"),
+    (["--set", "distill.rule=sgd"], "distill.rule must be one of plain, replay, lra"),
+    (["--set", "distill.lra-order=zeroth-order"], "distill.lra-order must be one of"),
+    (
+        ["--set", "distill.rule=replay", "--set", "distill.memory-capacity=0"],
+        "distill.memory-capacity must be ≥ 1 with distill.rule = 'replay'",
+    ),
+    (
+        ["--set", "distill.rule=lra", "--set", "distill.memory-capacity=0"],
+        "distill.memory-capacity must be ≥ 1 with distill.rule = 'lra'",
+    ),
+    (
+        ["--set", "dfkd.teacher-checkpoint=/nonexistent/teacher.pt"],
+        "dfkd.teacher-checkpoint: '/nonexistent/teacher.pt' does not exist",
+    ),
+    (["--set", "dfkd.student=vgg"], "dfkd.student: unknown model 'vgg'; valid:"),
+    (["--set", "synthesis.preset=adi"], "'bn' needs a teacher with BatchNorm"),
+    (["--set", "generator.name=feature"], "needs an input-space generator"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    out = tmp_path / "run"
+    assert main(["dfkd", "--out", str(out), "--set", "dataset.name=digits", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not out.exists(), "no run directory for bad input"
+
+
+def test_checkpoint_for_other_inputs_does_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], digits_teacher_ckpt: Path
+) -> None:
+    """A teacher trained on 8×8 digits offered for 28×28 mnist5k: one line, exit 2."""
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "dfkd",
+                "--out",
+                str(out),
+                "--set",
+                "dataset.name=mnist5k",
+                "--set",
+                f"dfkd.teacher-checkpoint={digits_teacher_ckpt}",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained on inputs (1, 8, 8)" in err and "(1, 28, 28)" in err
+    # a bare state dict of the wrong shape, and a file that is no checkpoint at all
+    bare = tmp_path / "bare.pt"
+    torch.save(build_model("lenet5", (1, 8, 8), 10).state_dict(), bare)
+    assert main(["dfkd", "--out", str(out), "--set", f"dfkd.teacher-checkpoint={bare}"]) == 2
+    assert "does not fit 'lenet5' on 'mnist5k'" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    assert (
+        main(["dfkd", "--out", str(out), "--set", "dataset.name=digits", "--set", f"dfkd.teacher-checkpoint={junk}"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load teacher checkpoint") and err.count("\n") == 1
+    wrong_arch = [
+        "--set",
+        "dataset.name=digits",
+        "--set",
+        "dfkd.teacher=cnn",
+        "--set",
+        f"dfkd.teacher-checkpoint={digits_teacher_ckpt}",
+    ]
+    assert main(["dfkd", "--out", str(out), *wrong_arch]) == 2
+    assert "holds a 'lenet5', but dfkd.teacher is 'cnn'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_end_to_end_lra_then_cached_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = tmp_path / "a"
+    assert _dfkd(first, "--set", "distill.rule=lra", "--set", "synthesis.preset=lra") == 0
+    out = capsys.readouterr().out
+    assert out.count("epoch ") == 2 and "teacher accuracy" in out
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "samples.png"):
+        assert (first / name).is_file(), name
+    rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"accuracy", "loss", "g_loss", "g_oh", "g_ie", "g_act", "g_adv", "s_kd_loss", "s_ret_loss", "memory"} <= set(
+        rows[0]
+    )
+    assert rows[-1]["memory"] > 0 and rows[-1]["s_ret_loss"] is not None
+    summary = json.loads((first / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["teacher_source"] == "trained" and summary["teacher_accuracy"] > 0.5
+    accs = [r["accuracy"] for r in rows]
+    assert summary["student_final_accuracy"] == accs[-1] and summary["student_best_accuracy"] == max(accs)
+    assert summary["mean_accuracy"] == pytest.approx(sum(accs) / 2)
+    assert summary["var_accuracy"] == pytest.approx(((accs[0] - accs[1]) / 2) ** 2)
+    cached = list(tmp_path.glob("teacher-digits-lenet5-*.pt"))
+    assert len(cached) == 1
+    assert torch.load(cached[0], weights_only=True)["arch"] == "lenet5"
+
+    # the same teacher settings in the same parent: loaded from the cache, same accuracy
+    second = tmp_path / "b"
+    assert _dfkd(second, "--set", "distill.rule=plain") == 0
+    again = json.loads((second / "summary.json").read_text())
+    assert again["teacher_source"] == "cache" and again["teacher_accuracy"] == summary["teacher_accuracy"]
+    # an existing run directory is refused
+    assert _dfkd(second) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_same_seed_same_metrics_and_explicit_checkpoint(tmp_path: Path) -> None:
+    short = ["--set", "distill.rule=replay", "--set", "dfkd.epochs=1", "--seed", "3"]
+    assert _dfkd(tmp_path / "a", *short) == 0
+    assert _dfkd(tmp_path / "b", *short) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "elapsed")} for r in rows]  # noqa: E731
+    read = lambda d: strip([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()])  # noqa: E731
+    assert read("a") == read("b")
+    ckpt = next(tmp_path.glob("teacher-*.pt"))
+    other = tmp_path / "elsewhere" / "c"
+    assert _dfkd(other, "--set", f"dfkd.teacher-checkpoint={ckpt}", *short) == 0
+    s = json.loads((other / "summary.json").read_text())
+    assert s["teacher_source"] == "checkpoint"
+    assert s["teacher_accuracy"] == json.loads((tmp_path / "a" / "summary.json").read_text())["teacher_accuracy"]
+    assert not list(other.parent.glob("teacher-*.pt")), "an explicit checkpoint is not copied into a cache"
+
+
+@pytest.mark.parametrize("sim", sorted(p.name for p in (REPO / "sims").glob("dfkd-*.toml")))
+def test_shipped_sims_are_valid_documented_and_run(tmp_path: Path, sim: str) -> None:
+    path = REPO / "sims" / sim
+    text = path.read_text()
+    assert text.startswith("#") and f"fedkd dfkd sims/{sim}" in text.split("\n\n")[0], "header comment with the command"
+    cfg = load_config(path)
+    assert (
+        cfg.str("dataset.name") == "mnist5k"
+        and cfg.str("dfkd.teacher") == "lenet5"
+        and cfg.str("dfkd.student") == "lenet5-half"
+    )
+    assert set(tomllib.loads(text)) <= {"dfkd", "synthesis", "distill", "generator", "dataset", "seed", "device"}
+    # end to end on the real config, shrunk to one iteration
+    tiny = ["dfkd.epochs=1", "dfkd.iterations=1", "dfkd.teacher-epochs=1", "distill.steps=1", "synthesis.batch-size=16"]
+    assert main(["dfkd", str(path), "--out", str(tmp_path / "run"), *_sets(tiny)]) == 0
+    assert SUMMARY_KEYS <= set(json.loads((tmp_path / "run" / "summary.json").read_text()))
+
+
+def test_fedkd_plot_redraws_a_dfkd_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "a"
+    assert _dfkd(run, "--set", "dfkd.epochs=1") == 0
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    assert "accuracy.png" in capsys.readouterr().out
