@@ -20,7 +20,7 @@ from fedkd.data import label_counts, load_dataset, partition
 from fedkd.errors import UserError
 from fedkd.federation import parse_architectures
 from fedkd.models import FedkdModel, build_model
-from fedkd.train import LocalTrainConfig, derive_seed, evaluate, train_local
+from fedkd.train import FedGenRegularizer, LocalTrainConfig, derive_seed, evaluate, train_local
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,26 @@ def client_model(cfg: Config, pid: int) -> FedkdModel:
     return build_model(arch, ds.shape, ds.num_classes, fd)
 
 
+def fedgen_regularizer(msg: Message, model: FedkdModel, seed: int) -> FedGenRegularizer | None:
+    """FedGen's regularizer when the server sent a generator (``strategies/fedgen.py``)."""
+    rec = msg.content.array_records.get(records.GENERATOR)
+    if rec is None:
+        return None
+    conf = msg.content.config_records[records.CONFIG]
+    from fedkd.synthesis import build_generator
+
+    gen = build_generator(
+        "feature", (model.feature_dim,), model.num_classes,
+        latent_dim=int(conf["fedgen.latent-dim"]), hidden_dim=int(conf["fedgen.hidden-dim"]),  # type: ignore[arg-type]
+    )  # fmt: skip
+    records.load_record(gen, rec)
+    prior = torch.as_tensor(conf["fedgen.label-prior"], dtype=torch.float64)  # type: ignore[arg-type]
+    return FedGenRegularizer(
+        gen, float(conf["fedgen.alpha"]), float(conf["fedgen.beta"]), int(conf["fedgen.steps"]),  # type: ignore[arg-type]
+        int(conf["fedgen.gen-batch-size"]), prior, seed,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
 def _setup(msg: Message, context: Context) -> tuple[Config, int]:
     cfg = message_config(msg)
     threads = cfg.int("clients.threads")
@@ -125,7 +145,8 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=cfg.float("clients.weight-decay"),
         proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
     )
-    loss = train_local(model, x, y, local, seed=derive_seed(cfg.int("seed"), pid, server_round))
+    seed = derive_seed(cfg.int("seed"), pid, server_round)
+    loss = train_local(model, x, y, local, seed=seed, regularizer=fedgen_regularizer(msg, model, seed))
     content = RecordDict(
         {
             records.ARRAYS: records.to_record(model),

@@ -205,3 +205,20 @@ def default_out(sim: str | Path | None) -> Path:
     """``runs/<sim-stem>-<timestamp>`` (a new directory)."""
     stem = Path(sim).stem if sim else "quickstart"
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def execute(
+    cfg: Config, run_dir: Path | None, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run one simulation on the config's engine; return its summary ({} if it did not finish)."""
+    from fedkd.client_app import app as client_app
+    from fedkd.server_app import make_server_app
+
+    summary: dict[str, Any] = {}
+    server_app = make_server_app(cfg, run_dir, on_round, summary)
+    if cfg.str("engine") == "local":
+        grid = LocalGrid(client_app, cfg.int("clients.num"))
+        server_app(grid, Context(grid.run.run_id, SUPERLINK_NODE_ID, {}, RecordDict(), {}))
+    else:
+        run_ray(server_app, client_app, cfg)
+    return summary

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedkd import records
 from fedkd.errors import ConfigError
-from fedkd.models import MODELS
+from fedkd.models import MODELS, FedkdModel, build_model
 from fedkd.train import derive_seed
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ MANAGED_KWARGS = frozenset(
     {
         "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
         "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
-        "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "federation", "base_factory",
+        "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "federation", "base_factory", "context",
     }
 )  # fmt: skip
 
@@ -155,6 +156,41 @@ class _GroupGrid(Grid):
 BaseFactory = Callable[[int], Strategy]
 
 
+@dataclass(frozen=True)
+class ServerContext:
+    """What server-side work (distillation, synthesis) needs besides the messages.
+
+    Attributes
+    ----------
+    in_shape : tuple
+        ``(C, H, W)`` of the dataset's inputs.
+    num_classes : int
+    feature_dim : int or None
+        ``model.feature-dim`` (None: each model's default).
+    device : torch.device
+        The server device (``device = "auto"``: cuda when available).
+    seed : int
+        The run's master seed.
+    rounds : int
+        Number of federated rounds of the run.
+    evaluate : callable, optional
+        ``evaluate(model) -> (loss, accuracy)`` on the held-out test set (server-side
+        evaluation, e.g. of a client ensemble).
+    """
+
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    feature_dim: int | None
+    device: torch.device
+    seed: int = 0
+    rounds: int = 1
+    evaluate: Callable[[torch.nn.Module], tuple[float, float]] | None = None
+
+    def build(self, arch: str) -> FedkdModel:
+        """A fresh model of ``arch`` on the server device."""
+        return build_model(arch, self.in_shape, self.num_classes, self.feature_dim).to(self.device)
+
+
 class GroupedStrategy(Strategy):
     """Run a base Flower strategy independently within each architecture group.
 
@@ -174,15 +210,37 @@ class GroupedStrategy(Strategy):
     #: Whether the strategy trains a global architecture that no client holds.
     trains_global_without_clients: ClassVar[bool] = False
 
-    def __init__(self, federation: Federation, base_factory: BaseFactory) -> None:
+    def __init__(self, federation: Federation, base_factory: BaseFactory, context: ServerContext | None = None) -> None:
         self.federation = federation
+        self.context = context
         self.delegates: dict[str, Strategy] = {
             arch: base_factory(len(federation.nodes(arch))) for arch in federation.groups if federation.nodes(arch)
         }
         self.current: ArrayRecord | None = None
         self.last_train_metrics: MetricRecord | None = None
+        #: Extra server-side metrics of the current round (e.g. distillation loss, seconds of
+        #: synthesis); merged into that round's row of metrics.jsonl, then cleared.
+        self.round_metrics: dict[str, Any] = {}
 
     # --- helpers -----------------------------------------------------------------
+    def client_models(self, replies: Iterable[Message]) -> list[tuple[FedkdModel, np.ndarray]]:
+        """Each successful reply's model (on the server device) with its label counts."""
+        if self.context is None:
+            raise RuntimeError(f"{type(self).__name__} needs a ServerContext")
+        out = []
+        for msg in replies:
+            if msg.has_error() or records.ARRAYS not in msg.content.array_records:
+                continue
+            model = self.context.build(self.arch_of(msg))
+            records.load_record(model, msg.content.array_records[records.ARRAYS])
+            model.to(self.context.device).eval()
+            info = msg.content.config_records.get(records.INFO)
+            counts = np.asarray(
+                info[records.LABEL_COUNTS] if info and records.LABEL_COUNTS in info else [], dtype=np.int64
+            )
+            out.append((model, counts))
+        return out
+
     def arch_of(self, msg: Message) -> str:
         """Architecture group of the node that sent ``msg``."""
         return self.federation.node_arch[msg.metadata.src_node_id]
@@ -207,6 +265,8 @@ class GroupedStrategy(Strategy):
                 log.warning("reply from unknown node %s ignored", msg.metadata.src_node_id)
                 continue
             out[arch].append(msg)
+        for msgs in out.values():  # aggregate in partition order: float sums independent of arrival order
+            msgs.sort(key=lambda m: self.federation.node_partition.get(m.metadata.src_node_id, -1))
         return out
 
     @staticmethod
@@ -277,7 +337,7 @@ class GroupedStrategy(Strategy):
         log.info("global model: %s", self.federation.global_arch)
 
 
-def build_strategy(cfg: Any, federation: Federation) -> GroupedStrategy:
+def build_strategy(cfg: Any, federation: Federation, context: ServerContext | None = None) -> GroupedStrategy:
     """Build the configured strategy over ``federation``.
 
     A plain Flower strategy class becomes the per-group base of a :class:`GroupedStrategy`.
@@ -293,9 +353,9 @@ def build_strategy(cfg: Any, federation: Federation) -> GroupedStrategy:
         base = str(kwargs.get("base", "fedavg"))
         if not obj.trains_global_without_clients:
             _check_global_has_clients(federation, name)
-        return obj(federation=federation, base_factory=base_factory(cfg, base), **kwargs)
+        return obj(federation=federation, base_factory=base_factory(cfg, base), context=context, **kwargs)
     _check_global_has_clients(federation, name)
-    return GroupedStrategy(federation, base_factory(cfg, name))
+    return GroupedStrategy(federation, base_factory(cfg, name), context)
 
 
 def _check_global_has_clients(federation: Federation, name: str) -> None:

@@ -116,14 +116,24 @@ class LeNet5Half(_LeNet):
 class CNN(FedkdModel):
     """The conv-conv-fc CNN of FedAvg/FedGen: 5×5 convs (32, 64), max-pool, fc."""
 
+    batch_norm = False
+
     def __init__(self, in_shape: Shape, num_classes: int = 10, feature_dim: int = 64, hidden: int = 128) -> None:
         super().__init__(in_shape, num_classes, feature_dim)
         c = in_shape[0]
+        norm = nn.BatchNorm2d if self.batch_norm else (lambda ch: nn.Identity())
         self.body = nn.Sequential(
-            nn.Conv2d(c, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 32, 5, padding=2), norm(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), norm(64), nn.ReLU(), nn.MaxPool2d(2),
         )  # fmt: skip
         self._finish(neck_hidden=hidden)
+
+
+@MODELS.register("cnn-bn")
+class CNNBN(CNN):
+    """The same CNN with BatchNorm after each conv (for BN-statistic losses, e.g. DENSE)."""
+
+    batch_norm = True
 
 
 class _BasicBlock(nn.Module):

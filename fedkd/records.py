@@ -17,6 +17,7 @@ ARRAYS = "arrays"  # ArrayRecord of model weights (Flower's default arrayrecord_
 CONFIG = "config"  # ConfigRecord sent by the server (Flower's default configrecord_key)
 METRICS = "metrics"  # MetricRecord in client replies (must be the only MetricRecord)
 INFO = "fedkd"  # ConfigRecord in client replies: label counts, partition id, architecture
+GENERATOR = "generator"  # ArrayRecord of a generator sent to clients (FedGen)
 
 RUN_CONFIG = "fedkd.run-config"  # resolved config as TOML, inside CONFIG
 NUM_EXAMPLES = "num-examples"  # Flower's weighted_by_key

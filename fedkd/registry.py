@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
@@ -90,21 +90,27 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-def configurable_params(factory: Callable[..., Any], exclude: set[str] = frozenset()) -> dict[str, inspect.Parameter]:  # type: ignore[assignment]
+def configurable_params(factory: Callable[..., Any], exclude: Iterable[str] = ()) -> dict[str, inspect.Parameter]:
     """Keyword parameters of ``factory`` that a config may set.
 
     Only parameters with a default of a plain TOML type (bool, int, float, str) are
-    configurable; ``exclude`` names parameters fedkd sets itself.
+    configurable; ``exclude`` names parameters fedkd sets itself. For a class whose
+    ``__init__`` forwards ``**kwargs`` to its parent, the parent's parameters count too
+    (the subclass's defaults win), so a subclass declares only what it adds or changes.
     """
+    excluded = set(exclude) | {"self"}
     out: dict[str, inspect.Parameter] = {}
-    sig = inspect.signature(factory)
-    for name, p in sig.parameters.items():
-        if name in exclude or name == "self":
-            continue
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if p.default is inspect.Parameter.empty:
-            continue
-        if isinstance(p.default, bool | int | float | str):
-            out[name] = p
+    if isinstance(factory, type):
+        inits = [k.__dict__["__init__"] for k in factory.__mro__ if "__init__" in k.__dict__ and k is not object]
+    else:
+        inits = [factory]
+    for fn in inits:
+        params = inspect.signature(fn).parameters
+        for name, p in params.items():
+            if name in excluded or name in out or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if p.default is not inspect.Parameter.empty and isinstance(p.default, bool | int | float | str):
+                out[name] = p
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
     return out

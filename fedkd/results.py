@@ -137,6 +137,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -
         for g in groups:
             ax.plot(rounds, [(r.get("group_accuracy") or {}).get(g) for r in rows], lw=1, alpha=0.8, label=f"group {g}")
     ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

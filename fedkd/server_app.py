@@ -32,7 +32,7 @@ from fedkd.config import Config, from_run_config
 from fedkd.data import Dataset, load_dataset
 from fedkd.engines import MeteredGrid, default_out
 from fedkd.errors import ConfigError, UserError
-from fedkd.federation import Federation, build_strategy, default_global_arch, parse_architectures
+from fedkd.federation import Federation, ServerContext, build_strategy, default_global_arch, parse_architectures
 from fedkd.models import FedkdModel, build_model
 from fedkd.results import RunRecorder, create_run_dir, write_atomic
 from fedkd.train import derive_seed, evaluate, resolve_device
@@ -137,7 +137,12 @@ def run_federation(
     models = initial_models(cfg, ds, groups)
 
     fed = handshake(grid, cfg, global_arch, ds.num_classes)
-    strategy = build_strategy(cfg, fed)
+    bs = cfg.int("eval.batch-size")
+    context = ServerContext(
+        ds.shape, ds.num_classes, cfg.int("model.feature-dim") or None, device, cfg.int("seed"), cfg.int("rounds"),
+        evaluate=lambda model: evaluate(model, ds.x_test, ds.y_test, bs, device),
+    )  # fmt: skip
+    strategy = build_strategy(cfg, fed, context)
     recorder = RunRecorder(run_dir, on_round)
     recorder.write_label_counts(fed.label_counts)
     metered = MeteredGrid(grid)
@@ -153,16 +158,21 @@ def run_federation(
         if server_round == 0:  # before training: the handshake's traffic is not a round's
             start_eval.update(ev)
         else:
-            train = strategy.last_train_metrics or {}
+            train: Any = strategy.last_train_metrics or {}
+            extra = dict(strategy.round_metrics)
+            strategy.round_metrics.clear()
+            if "accuracy" in extra:  # a strategy whose output is not one model (fedensemble)
+                extra["model_accuracy"], extra["model_loss"] = ev["accuracy"], ev["loss"]
             recorder.record(
                 {
                     "round": server_round,
-                    "accuracy": ev["accuracy"],
-                    "loss": ev["loss"],
+                    "accuracy": extra.pop("accuracy", ev["accuracy"]),
+                    "loss": extra.pop("loss", ev["loss"]),
                     "group_accuracy": ev["group_accuracy"],
                     "train_loss": train.get(records.TRAIN_LOSS),
                     **counters,
                     "seconds": now - clock["t"],
+                    **extra,
                 }
             )
         clock["t"] = now

@@ -6,6 +6,7 @@ No Flower here: the ClientApp, the tests and the benchmarks call these directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -59,10 +60,25 @@ def batches(n: int, batch_size: int, generator: torch.Generator, steps: int = 0,
     return out
 
 
+class Regularizer(Protocol):
+    """An extra term of the local loss: ``(model, logits, y, step) -> Tensor`` or ``None``."""
+
+    def __call__(self, model: nn.Module, logits: Tensor, y: Tensor, step: int) -> Tensor | None: ...
+
+
 def train_local(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: LocalTrainConfig, seed: int, device: torch.device | None = None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    cfg: LocalTrainConfig,
+    seed: int,
+    device: torch.device | None = None,
+    regularizer: Regularizer | None = None,
 ) -> float:
-    """Train ``model`` in place on ``(x, y)``; return the mean training loss."""
+    """Train ``model`` in place on ``(x, y)``; return the mean training loss.
+
+    ``regularizer`` adds a term to each step's loss (e.g. :class:`FedGenRegularizer`).
+    """
     device = device or torch.device("cpu")
     model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
@@ -70,9 +86,12 @@ def train_local(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
     total, count = 0.0, 0
-    for idx in batches(len(x), cfg.batch_size, gen, cfg.steps, cfg.epochs):
+    for step, idx in enumerate(batches(len(x), cfg.batch_size, gen, cfg.steps, cfg.epochs)):
         xb, yb = x[idx].to(device), y[idx].to(device)
-        loss = F.cross_entropy(model(xb), yb)
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        if regularizer is not None and (extra := regularizer(model, logits, yb, step)) is not None:
+            loss = loss + extra
         if anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
             loss = loss + 0.5 * cfg.proximal_mu * prox
@@ -99,3 +118,50 @@ def evaluate(
         correct += int((out.argmax(1) == yb).sum())
     n = max(len(x), 1)
     return loss / n, correct / n
+
+
+class FedGenRegularizer:
+    """FedGen's client-side regularizer (Zhu, Hong, Zhou, ICML 2021), applied in the first
+    ``steps`` local steps with a frozen feature generator ``G(z | y)``:
+
+    * ``β · KL(p_local(x) ‖ softmax(head(G(z | y))))`` for the batch's own labels, which pulls
+      the local predictions toward what the shared generator implies;
+    * ``(B_g / B) · α · CE(head(G(z | ŷ)), ŷ)`` with ``ŷ`` drawn from the global label prior,
+      which teaches the local head the other clients' classes.
+
+    The server sends α and β already decayed for the round.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        alpha: float,
+        beta: float,
+        steps: int,
+        gen_batch_size: int,
+        label_prior: Tensor,
+        seed: int,
+    ) -> None:
+        self.generator = generator.eval()
+        for p in self.generator.parameters():
+            p.requires_grad_(False)
+        self.alpha, self.beta, self.steps, self.gen_batch_size = alpha, beta, steps, gen_batch_size
+        self.prior = label_prior.double() / label_prior.double().sum()
+        self.rng = torch.Generator().manual_seed(seed)
+        self.latent_dim = int(getattr(generator, "latent_dim"))  # noqa: B009
+
+    def _features(self, y: Tensor) -> Tensor:
+        z = torch.randn(len(y), self.latent_dim, generator=self.rng).to(y.device)
+        with torch.no_grad():
+            return self.generator(z, y)
+
+    def __call__(self, model: nn.Module, logits: Tensor, y: Tensor, step: int) -> Tensor | None:
+        if step >= self.steps:
+            return None
+        head: nn.Module = getattr(model, "classifier")  # noqa: B009
+        with torch.no_grad():
+            target = F.softmax(head(self._features(y)), dim=1)
+        latent = self.beta * F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+        ys = torch.multinomial(self.prior, self.gen_batch_size, replacement=True, generator=self.rng).to(y.device)
+        teacher = self.alpha * F.cross_entropy(head(self._features(ys)), ys)
+        return latent + (self.gen_batch_size / len(y)) * teacher
