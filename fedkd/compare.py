@@ -91,7 +91,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str = "") -> None:
     """Mean global accuracy per round with a ±1 std band, one line per sim."""
-    from fedkd.results import _pyplot
+    from fedkd.results import _pyplot, save_axes
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -105,13 +105,7 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str = "
     ax.set_xlabel("round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("global test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_axes(fig, ax, path, title)
 
 
 def run_suite(

@@ -33,7 +33,7 @@ from fedkd.data import Dataset, load_dataset
 from fedkd.distill import MemoryBuffer, StudentUpdater, build_rule, kd_loss
 from fedkd.errors import ConfigError, UserError
 from fedkd.models import MODELS, FedkdModel, build_model
-from fedkd.results import SUMMARY, RunRecorder, write_atomic
+from fedkd.results import SUMMARY, RunRecorder, save_axes, write_atomic
 from fedkd.synthesis import PRESETS, Synthesizer, build_generator, make_objective
 from fedkd.train import LocalTrainConfig, derive_seed, evaluate, resolve_device, train_local
 
@@ -381,13 +381,7 @@ def plot_dfkd_accuracy(rows: list[dict[str, Any]], teacher_accuracy: float, path
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_axes(fig, ax, path, title)
 
 
 def plot_samples(plan: DFKDPlan, path: Path, n: int = 64) -> None:

@@ -126,6 +126,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_axes(fig: Any, ax: Any, path: Path, title: str = "") -> None:
+    """Grid, legend and title on ``ax``; write ``fig`` to ``path`` and close it."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     """Global and per-group test accuracy against rounds."""
     plt = _pyplot()
@@ -140,13 +151,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_axes(fig, ax, path, title)
 
 
 def plot_partition(counts: np.ndarray, path: Path) -> None:
