@@ -143,7 +143,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = list(range(base, base + args.seeds))
     for sim in sims:  # fail fast on a bad sim before creating anything
         load_config(sim, sets, base)
-    out = create_run_dir(args.out or default_out(Path("compare")))
+    if args.resume and not args.out:
+        raise UserError("compare --resume needs --out DIR (the suite to continue)")
+    if args.resume:
+        out = Path(args.out)
+        if not out.is_dir():
+            raise UserError(f"compare --resume: {args.out!r} is not a directory")
+    else:
+        out = create_run_dir(args.out or default_out(Path("compare")))
     command = "fedkd compare " + " ".join(str(s) for s in args.sims) + f" --seeds {args.seeds}"
     command += "".join(f" --set {s}" for s in args.set or []) + (f" --engine {args.engine}" if args.engine else "")
     print(f"fedkd compare: {len(sims)} sims × {len(seeds)} seeds -> {out}", flush=True)
@@ -157,7 +164,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     rows = run_suite(sims, [made(s) for s in sims], seeds, out, command,
                      lambda cfg, d, sim: prepare_run(cfg, d, sim), done,
-                     (lambda total: round_printer(total)) if args.verbose_rounds else None)  # fmt: skip
+                     (lambda total: round_printer(total)) if args.verbose_rounds else None,
+                     resume=args.resume)  # fmt: skip
     print((out / "comparison.md").read_text(), end="")
     print(f"table: {out / 'comparison.md'} and {out / 'comparison.csv'}; plot: {out / 'comparison.png'}")
     return EXIT_OK if rows else EXIT_FAILURE
@@ -240,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every sim (repeatable)")
     c.add_argument("--engine", choices=("local", "ray"), help="simulation engine")
     c.add_argument("--out", help="output directory (must be new; default: runs/compare-<time>)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the suite in --out: reuse finished runs, resume unfinished ones")  # fmt: skip
     c.add_argument("--rounds-log", dest="verbose_rounds", action="store_true", help="print one line per round too")
     c.set_defaults(func=cmd_compare)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedkd.config import Config
 from fedkd.errors import UserError
+from fedkd.results import CONFIG, SUMMARY
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,26 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str = "
     save_axes(fig, ax, path, title)
 
 
+def reusable(cfg: Config, run_dir: Path) -> str:
+    """What ``compare --resume`` does with ``run_dir``: ``"new"``, ``"done"`` or ``"resume"``.
+
+    A directory holding another config is a user error: its results are never overwritten.
+    """
+    if not (run_dir / CONFIG).is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"{run_dir} is not empty and holds no run; move it away or choose another --out")
+        return "new"
+    try:  # through Config, so keys added to fedkd since (with their defaults) do not count as a change
+        old = Config.from_toml((run_dir / CONFIG).read_text(encoding="utf-8")).to_toml()
+    except (UserError, ValueError):
+        raise UserError(f"{run_dir / CONFIG} is not a valid fedkd config; move the directory away") from None
+    if old != cfg.to_toml():
+        raise UserError(f"{run_dir} holds a run of a different config; --resume needs the same sims, seeds and --set")
+    if (run_dir / SUMMARY).is_file():
+        return "done"
+    return "resume"
+
+
 def run_suite(
     sims: Sequence[Path],
     configs: Sequence[Callable[[int], Config]],
@@ -117,11 +138,14 @@ def run_suite(
     prepare: Callable[[Config, Path, Path], Path],
     on_run: Callable[[str, int, dict[str, Any]], None] | None = None,
     on_round: Callable[[int], Callable[[dict[str, Any]], None] | None] | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every sim for every seed, then write the table and the plot into ``out``.
 
     ``configs[i](seed)`` resolves sim ``i`` for a seed; ``prepare(cfg, run_dir, sim)``
-    checks it and creates its run directory.
+    checks it and creates its run directory. With ``resume``, a run directory that already
+    holds a finished run of the same resolved config is reused as it is, and an unfinished
+    one continues from its last checkpoint (see :func:`reusable`).
     """
     from fedkd.engines import execute
 
@@ -134,9 +158,17 @@ def run_suite(
     plan = [
         (name, sim, seed, make(seed)) for name, sim, make in zip(names, sims, configs, strict=True) for seed in seeds
     ]
-    dirs = [prepare(cfg, out / name / f"seed{seed}", sim) for name, sim, seed, cfg in plan]
-    for (name, _, seed, cfg), run_dir in zip(plan, dirs, strict=True):
-        summary = execute(cfg, run_dir, on_round(cfg.int("rounds")) if on_round else None)
+    states = [reusable(cfg, out / name / f"seed{seed}") if resume else "new" for name, _, seed, cfg in plan]
+    dirs = [
+        out / name / f"seed{seed}" if state != "new" else prepare(cfg, out / name / f"seed{seed}", sim)
+        for (name, sim, seed, cfg), state in zip(plan, states, strict=True)
+    ]
+    for (name, _, seed, cfg), run_dir, state in zip(plan, dirs, states, strict=True):
+        if state == "done":
+            summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+            log.warning("%s seed %d: reusing the finished run in %s", name, seed, run_dir)
+        else:
+            summary = execute(cfg, run_dir, on_round(cfg.int("rounds")) if on_round else None, resume=state == "resume")
         if not summary:
             raise RuntimeError(f"run {name} seed {seed} did not finish; see {run_dir}")
         results[name].append(summary)

@@ -208,9 +208,19 @@ def default_out(sim: str | Path | None) -> Path:
 
 
 def execute(
-    cfg: Config, run_dir: Path | None, on_round: Callable[[dict[str, Any]], None] | None = None
+    cfg: Config,
+    run_dir: Path | None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run one simulation on the config's engine; return its summary ({} if it did not finish)."""
+    """Run one simulation on the config's engine; return its summary ({} if it did not finish).
+
+    With ``resume``, continue the unfinished run in ``run_dir`` from its last checkpoint.
+    """
+    if resume:
+        from fedkd.errors import UserError
+
+        raise UserError(f"{run_dir}: resuming an unfinished run is not supported by this version")
     from fedkd.client_app import app as client_app
     from fedkd.server_app import make_server_app
 

@@ -65,3 +65,21 @@ def test_compare_bad_input(capsys, argv, fragment, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_resume_reuses_finished_runs_and_refuses_another_config(tmp_path, capsys):
+    a = write_sim(tmp_path / "a.toml")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(a), "--seeds", "1", "--out", str(out)]) == 0
+    metrics = (out / "a" / "seed0" / "metrics.jsonl").read_bytes()
+    b = write_sim(tmp_path / "b.toml", "fedprox")
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b), "--seeds", "1", "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr()
+    assert "| a | 1 |" in printed.out and "| b | 1 |" in printed.out
+    assert (out / "a" / "seed0" / "metrics.jsonl").read_bytes() == metrics  # reused, not rerun
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["compare", str(a), "--seeds", "1", "--out", str(out), "--resume", "--set", "rounds=3"]) == 2
+    assert "holds a run of a different config" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(["compare", str(a), "--resume"]) == 2
