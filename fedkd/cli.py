@@ -37,7 +37,7 @@ def find_sim(name: str | None) -> Path:
     if name is not None:
         p = Path(name)
         if not p.is_file():
-            raise UserError(f"sim file {name!r} does not exist")
+            raise UserError(f"sim file {name!r} {'is not a file' if p.exists() else 'does not exist'}")
         return p
     for base in (Path.cwd(), _repo_root()):
         p = base / "sims" / "quickstart.toml"
@@ -94,12 +94,13 @@ def _preflight(cfg: Any) -> None:
     build_strategy(cfg, fake, context)
 
 
-def prepare_run(cfg: Any, out: str | Path | None, sim: Path | None) -> Path:
-    """Preflight checks, then a fresh run directory holding the resolved config."""
+def prepare_run(cfg: Any, out: str | Path | None, sim: Path | None, preflight: bool = True) -> Path:
+    """Preflight checks (unless done already), then a fresh run directory holding the resolved config."""
     from fedkd.engines import default_out
     from fedkd.results import create_run_dir, write_atomic
 
-    _preflight(cfg)
+    if preflight:
+        _preflight(cfg)
     run_dir = create_run_dir(out or default_out(sim))
     write_atomic(run_dir / "config.toml", cfg.to_toml())
     return run_dir
@@ -109,15 +110,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedkd.config import load_config
     from fedkd.engines import execute
 
-    sim = find_sim(args.sim)
-    sets = list(args.set or [])
-    if args.engine:
-        sets.append(f"engine={args.engine}")
-    cfg = load_config(sim, sets, args.seed)
-    run_dir = prepare_run(cfg, args.out, sim)
-    print(f"fedkd run: {sim} on the {cfg.str('engine')} engine -> {run_dir}", flush=True)
+    if args.resume is not None:
+        cfg, run_dir = resumable_run(args)
+        print(f"fedkd run: resuming {run_dir} on the {cfg.str('engine')} engine", flush=True)
+    else:
+        sim = find_sim(args.sim)
+        sets = list(args.set or [])
+        if args.engine:
+            sets.append(f"engine={args.engine}")
+        cfg = load_config(sim, sets, args.seed)
+        run_dir = prepare_run(cfg, args.out, sim)
+        print(f"fedkd run: {sim} on the {cfg.str('engine')} engine -> {run_dir}", flush=True)
     t = time.perf_counter()
-    summary = execute(cfg, run_dir, round_printer(cfg.int("rounds")))
+    summary = execute(cfg, run_dir, round_printer(cfg.int("rounds")), resume=args.resume is not None)
     if not summary:
         print(f"error: the run did not finish (see the log above); partial results in {run_dir}", file=sys.stderr)
         return EXIT_FAILURE
@@ -127,6 +132,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     return EXIT_OK
+
+
+def resumable_run(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The config and directory of an unfinished run named by ``--resume``."""
+    from fedkd.config import Config
+    from fedkd.results import CONFIG, SUMMARY
+
+    given = [f for f, v in (("SIM", args.sim), ("--set", args.set), ("--out", args.out), ("--seed", args.seed),
+                            ("--engine", args.engine)) if v]  # fmt: skip
+    if given:
+        raise UserError(f"--resume takes the run's own config; drop {', '.join(given)}")
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume: {args.resume!r} is not a directory")
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"--resume: {args.resume!r} is not a run directory (no {CONFIG})")
+    if (run_dir / SUMMARY).is_file():
+        raise UserError(f"--resume: {args.resume!r} already finished (it has {SUMMARY})")
+    try:
+        cfg = Config.from_toml((run_dir / CONFIG).read_text(encoding="utf-8"))
+    except UserError as e:
+        raise UserError(f"--resume: {run_dir / CONFIG}: {e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--resume: {run_dir / CONFIG} is not valid TOML: {e}") from None
+    return cfg, run_dir
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -141,14 +171,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sets = list(args.set or []) + ([f"engine={args.engine}"] if args.engine else [])
     base = args.seed or 0
     seeds = list(range(base, base + args.seeds))
-    for sim in sims:  # fail fast on a bad sim before creating anything
-        load_config(sim, sets, base)
+    names = [s.stem for s in sims]
+    if len(set(names)) != len(names):
+        raise UserError(f"two sims share a file name: {', '.join(names)}")
     if args.resume and not args.out:
         raise UserError("compare --resume needs --out DIR (the suite to continue)")
+    if args.resume and not Path(args.out).is_dir():
+        raise UserError(f"compare --resume: {args.out!r} is not a directory")
+    for sim in sims:  # fail fast on a bad sim before creating anything
+        load_config(sim, sets, base)
+    for sim in sims:  # every run's preflight too: a bad dataset root must not leave a half-made suite
+        for seed in seeds:
+            _preflight(load_config(sim, sets, seed))
     if args.resume:
         out = Path(args.out)
-        if not out.is_dir():
-            raise UserError(f"compare --resume: {args.out!r} is not a directory")
     else:
         out = create_run_dir(args.out or default_out(Path("compare")))
     command = "fedkd compare " + " ".join(str(s) for s in args.sims) + f" --seeds {args.seeds}"
@@ -163,7 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"({summary['wall_seconds']:.1f}s)", flush=True)  # fmt: skip
 
     rows = run_suite(sims, [made(s) for s in sims], seeds, out, command,
-                     lambda cfg, d, sim: prepare_run(cfg, d, sim), done,
+                     lambda cfg, d, sim: prepare_run(cfg, d, sim, preflight=False), done,
                      (lambda total: round_printer(total)) if args.verbose_rounds else None,
                      resume=args.resume)  # fmt: skip
     print((out / "comparison.md").read_text(), end="")
@@ -239,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=("local", "ray"), help="simulation engine (default: the config's engine)")
     r.add_argument("--out", help="run directory (must not hold a run; default: runs/<sim>-<time>)")
     r.add_argument("--seed", type=int, help="master seed")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="run sims over several seeds; write a table and a plot")

@@ -8,12 +8,14 @@ partition (``partition-id`` from the node config), and calls the pure core in
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedkd import faults as F
 from fedkd import records
 from fedkd.config import Config
 from fedkd.data import label_counts, load_dataset, partition
@@ -129,13 +131,23 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training on this client's partition, starting from the received weights."""
+    """Local training on this client's partition, starting from the received weights.
+
+    Simulated faults (``faults.*``, :mod:`fedkd.faults`) apply here.
+    """
     cfg, pid = _setup(msg, context)
+    conf = msg.content.config_records[records.CONFIG]
+    server_round = int(conf.get("server-round", 0))  # type: ignore[arg-type]
+    fault = F.draw(F.Faults.from_config(cfg), cfg.int("seed"), pid, server_round, cfg.int("clients.num"))
+    if fault.crash:
+        raise RuntimeError(f"simulated crash of partition {pid} in round {server_round} (faults.crash-rate)")
     x, y, counts = client_partition(cfg, pid)
     model = client_model(cfg, pid)
     records.load_record(model, msg.content.array_records[records.ARRAYS])
-    conf = msg.content.config_records[records.CONFIG]
-    server_round = int(conf.get("server-round", 0))  # type: ignore[arg-type]
+    malicious = fault.malicious
+    if malicious and cfg.bool("faults.label-flip"):
+        y = F.flip_labels(y, model.num_classes)
+    start = {k: v.clone() for k, v in model.state_dict().items()} if malicious else {}
     local = LocalTrainConfig(
         epochs=cfg.int("clients.local-epochs"),
         steps=cfg.int("clients.local-steps"),
@@ -147,6 +159,12 @@ def train(msg: Message, context: Context) -> Message:
     )
     seed = derive_seed(cfg.int("seed"), pid, server_round)
     loss = train_local(model, x, y, local, seed=seed, regularizer=fedgen_regularizer(msg, model, seed))
+    if malicious and cfg.float("faults.scale-attack") != 1.0:
+        F.scale_update(model, start, cfg.float("faults.scale-attack"))
+    if fault.nan:
+        F.poison_nan(model)
+    if fault.straggle:
+        time.sleep(cfg.float("faults.straggler-delay"))
     content = RecordDict(
         {
             records.ARRAYS: records.to_record(model),

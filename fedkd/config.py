@@ -55,7 +55,8 @@ def _nonneg(v: float) -> bool:
 
 
 CORE_KEYS: tuple[Key, ...] = (
-    Key("seed", 0, "Master seed: partitions, model init, sampling and local training derive from it."),
+    Key("seed", 0, "Master seed: partitions, model init, sampling and local training derive from it.",
+        check=_nonneg, requirement="≥ 0"),  # fmt: skip
     Key("rounds", 10, "Number of federated rounds.", check=_pos, requirement="≥ 1"),
     Key("out", "", "Run directory for `flwr run` (`fedkd run` uses --out); empty: runs/flwr-<time>."),
     Key("engine", "local", "Simulation engine for `fedkd run`.", choices=("local", "ray")),
@@ -83,6 +84,17 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("eval.fraction", 0.0, "Fraction of clients doing federated evaluation each round (0: none).",
         check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),  # fmt: skip
     Key("round-timeout", 3600.0, "Seconds to wait for client replies in a round.", check=_pos, requirement="> 0"),
+    Key("checkpoint.every", 1, "Write a checkpoint every N rounds (and after the last); 0: never (no --resume).", check=_nonneg, requirement="≥ 0"),
+    Key("checkpoint.keep", 2, "Checkpoints kept in the run directory (the older ones are the fallback for a corrupt one).", check=_pos, requirement="≥ 1"),
+    # ---- simulated faults (fedkd/faults.py): draws depend on (seed, partition id, round) only
+    Key("faults.crash-rate", 0.0, "Probability that a client's train call raises (a crashed ClientApp).", check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),
+    Key("faults.nan-rate", 0.0, "Probability that a client's update holds NaN/Inf.", check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),
+    Key("faults.straggler-rate", 0.0, "Probability that a client sleeps faults.straggler-delay seconds before replying.", check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),
+    Key("faults.straggler-delay", 5.0, "Seconds a straggler sleeps (make it exceed round-timeout to lose the reply).", check=_nonneg, requirement="≥ 0"),
+    Key("faults.malicious-fraction", 0.0, "Fraction of clients that are malicious, chosen once from the seed (scale attack, label flip).", check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),
+    Key("faults.scale-attack", 1.0, "Malicious clients send global + factor × (their update); 1: no attack."),
+    Key("faults.label-flip", False, "Malicious clients train on flipped labels (y → C − 1 − y)."),
+    Key("validation.max-update-norm", 0.0, "Reject a reply whose update ‖w_client − w_global‖₂ exceeds this; 0: no bound.", check=_nonneg, requirement="≥ 0"),
     Key("ray.num-cpus", 1.0, "CPUs per client actor on the ray engine.", check=_pos, requirement="> 0"),
     Key("ray.num-gpus", 0.0, "GPUs (fractional) per client actor on the ray engine.", check=_nonneg, requirement="≥ 0"),
     # ---- data-free KD (`fedkd dfkd`, fedkd/dfkd.py) and the shared synthesis / distillation core
@@ -332,6 +344,8 @@ def validate(values: Mapping[str, Any]) -> dict[str, Value]:
         default = params[pname].default
         if not _type_ok(default, value):
             raise ConfigError(f"{key} must be {_type_name(default)}, got {value!r}")
+        if isinstance(default, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, got {float(value)!r}")
         out[key] = float(value) if isinstance(default, float) else value
     for kind in PLUGIN_KINDS:  # the selected plug-ins must exist
         sel = f"{kind}.name"

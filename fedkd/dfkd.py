@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -146,7 +145,8 @@ def prepare(cfg: Config) -> DFKDPlan:
     if cfg.str("dfkd.teacher-checkpoint"):
         checkpoint = Path(cfg.str("dfkd.teacher-checkpoint"))
         if not checkpoint.is_file():
-            raise ConfigError(f"dfkd.teacher-checkpoint: {str(checkpoint)!r} does not exist")
+            what = "is not a file" if checkpoint.exists() else "does not exist"
+            raise ConfigError(f"dfkd.teacher-checkpoint: {str(checkpoint)!r} {what}")
         load_teacher(checkpoint, teacher, cfg.str("dfkd.teacher"), ds)
 
     teacher.to(device).eval()
@@ -187,7 +187,7 @@ def load_teacher(path: Path, model: FedkdModel, arch: str, ds: Dataset) -> dict[
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except Exception as e:  # a corrupt or foreign file fails anywhere in the unpickler (e.g. IndexError)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load teacher checkpoint {str(path)!r}: {first}") from None
     if not isinstance(payload, Mapping):
@@ -196,6 +196,9 @@ def load_teacher(path: Path, model: FedkdModel, arch: str, ds: Dataset) -> dict[
     state: Mapping[str, Any] = payload
     if payload.get("format") == CHECKPOINT_FORMAT:
         meta = {k: v for k, v in payload.items() if k != "state_dict"}
+        missing = [k for k in ("arch", "dataset", "in_shape", "num_classes", "state_dict") if k not in payload]
+        if missing:
+            raise UserError(f"teacher checkpoint {str(path)!r} is incomplete: no {', '.join(missing)}")
         state = payload["state_dict"]
         if tuple(meta["in_shape"]) != ds.shape or meta["num_classes"] != ds.num_classes:
             raise ConfigError(

@@ -27,7 +27,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -248,6 +248,14 @@ class MemoryBuffer:
 
     def __len__(self) -> int:
         return 0 if self._x is None else len(self._x)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored samples, push counter and random stream (for checkpoints)."""
+        return {"x": self._x, "y": self._y, "seen": self._seen, "rng": self._rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._x, self._y, self._seen = state["x"], state["y"], int(state["seen"])
+        self._rng.set_state(state["rng"])
 
     def chunk(self, batch_size: int) -> int:
         """Samples pushed or replayed for a batch of ``batch_size``."""

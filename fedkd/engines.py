@@ -120,7 +120,20 @@ class LocalGrid(Grid):
         return [self._execute(self._pending.pop(i)) for i in list(message_ids) if i in self._pending]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Run every message's ClientApp call; a reply that took longer than ``timeout`` is lost.
+
+        Clients run one after another, but each one's time is measured on its own, as if
+        they ran in parallel: a straggler loses its own reply, not the others'.
+        """
+        replies = []
+        for mid in self.push_messages(messages):
+            t = time.perf_counter()
+            (reply,) = self.pull_messages([mid])
+            if timeout is not None and time.perf_counter() - t > timeout:
+                log.warning("node %s replied after the %.1fs timeout: reply lost", reply.metadata.src_node_id, timeout)
+                continue
+            replies.append(reply)
+        return replies
 
 
 class MeteredGrid(Grid):
@@ -217,15 +230,20 @@ def execute(
 
     With ``resume``, continue the unfinished run in ``run_dir`` from its last checkpoint.
     """
-    if resume:
-        from fedkd.errors import UserError
-
-        raise UserError(f"{run_dir}: resuming an unfinished run is not supported by this version")
+    from fedkd.checkpoint import latest
     from fedkd.client_app import app as client_app
     from fedkd.server_app import make_server_app
 
+    checkpoint = None
+    if resume and run_dir is not None:
+        checkpoint = latest(run_dir)
+        if checkpoint.payload["config"] != cfg.to_toml():
+            from fedkd.errors import UserError
+
+            raise UserError(f"{checkpoint.path} was written by another config than {run_dir / 'config.toml'}")
+
     summary: dict[str, Any] = {}
-    server_app = make_server_app(cfg, run_dir, on_round, summary)
+    server_app = make_server_app(cfg, run_dir, on_round, summary, checkpoint)
     if cfg.str("engine") == "local":
         grid = LocalGrid(client_app, cfg.int("clients.num"))
         server_app(grid, Context(grid.run.run_id, SUPERLINK_NODE_ID, {}, RecordDict(), {}))

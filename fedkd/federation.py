@@ -176,6 +176,8 @@ class ServerContext:
     evaluate : callable, optional
         ``evaluate(model) -> (loss, accuracy)`` on the held-out test set (server-side
         evaluation, e.g. of a client ensemble).
+    max_update_norm : float
+        ``validation.max-update-norm`` (0: no bound); see :mod:`fedkd.validation`.
     """
 
     in_shape: tuple[int, int, int]
@@ -185,6 +187,7 @@ class ServerContext:
     seed: int = 0
     rounds: int = 1
     evaluate: Callable[[torch.nn.Module], tuple[float, float]] | None = None
+    max_update_norm: float = 0.0
 
     def build(self, arch: str) -> FedkdModel:
         """A fresh model of ``arch`` on the server device."""
@@ -205,6 +208,12 @@ class GroupedStrategy(Strategy):
     -----
     With one architecture this is exactly the base strategy. Sampling is stratified:
     each group samples ``clients.fraction`` of its own nodes.
+
+    Every train reply is validated (:func:`fedkd.validation.check_reply`) before anything
+    uses it: error replies are dropped (the Grid counts them as ``failures``), invalid ones
+    are dropped and counted in ``round_metrics["rejected"]``. Subclasses that look at the
+    replies themselves use :attr:`accepted`, the replies kept by the last
+    ``aggregate_train``.
     """
 
     #: Whether the strategy trains a global architecture that no client holds.
@@ -221,6 +230,21 @@ class GroupedStrategy(Strategy):
         #: Extra server-side metrics of the current round (e.g. distillation loss, seconds of
         #: synthesis); merged into that round's row of metrics.jsonl, then cleared.
         self.round_metrics: dict[str, Any] = {}
+        #: The train replies of the last round that passed validation, by partition id.
+        self.accepted: list[Message] = []
+
+    # --- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Learned server-side state (see :mod:`fedkd.checkpoint`); subclasses extend it."""
+        from fedkd.checkpoint import object_arrays
+
+        return {"bases": {arch: object_arrays(base) for arch, base in self.delegates.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from fedkd.checkpoint import load_object_arrays
+
+        for arch, base in self.delegates.items():
+            load_object_arrays(base, state["bases"][arch])
 
     # --- helpers -----------------------------------------------------------------
     def client_models(self, replies: Iterable[Message]) -> list[tuple[FedkdModel, np.ndarray]]:
@@ -256,6 +280,30 @@ class GroupedStrategy(Strategy):
             cfg = ConfigRecord(dict(config))  # bases add keys (e.g. FedProx's proximal-mu)
             msgs.extend(getattr(base, hook)(server_round, sub, cfg, _GroupGrid(grid, self.federation.nodes(arch))))
         return msgs
+
+    def accept(self, replies: Iterable[Message]) -> list[Message]:
+        """The valid, non-error replies; count and log the rejected ones."""
+        from fedkd.validation import check_reply
+
+        assert self.current is not None, "configure_train must run before aggregate_train"
+        ok: list[Message] = []
+        rejected = 0
+        num_classes = self.federation.label_counts.shape[1]
+        bound = self.context.max_update_norm if self.context is not None else 0.0
+        for msg in replies:
+            if msg.has_error():
+                continue
+            src = msg.metadata.src_node_id
+            arch = self.federation.node_arch.get(src)
+            why = "unknown node" if arch is None else check_reply(msg, records.unpack(self.current, arch), num_classes, bound)  # fmt: skip
+            if why is None:
+                ok.append(msg)
+            else:
+                rejected += 1
+                log.warning("reply from node %s rejected: %s", src, why)
+        self.round_metrics["rejected"] = self.round_metrics.get("rejected", 0) + rejected
+        ok.sort(key=lambda m: self.federation.node_partition.get(m.metadata.src_node_id, -1))
+        return ok
 
     def _by_group(self, replies: Iterable[Message]) -> dict[str, list[Message]]:
         out: dict[str, list[Message]] = defaultdict(list)
@@ -303,7 +351,8 @@ class GroupedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current is not None, "configure_train must run before aggregate_train"
-        by_group = self._by_group(replies)
+        self.accepted = self.accept(replies)
+        by_group = self._by_group(self.accepted)
         groups: dict[str, ArrayRecord] = {}
         parts: list[tuple[MetricRecord, float]] = []
         for arch in self.federation.groups:

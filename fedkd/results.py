@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,12 @@ class RunRecorder:
         np.savetxt(self.run_dir / LABELS, counts, fmt="%d", delimiter=",", header=header, comments="")
         plot_partition(counts, self.run_dir / "partition.png")
 
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Continue after ``rows`` (a checkpoint's): the metrics file is rewritten to exactly them."""
+        self.rows = [dict(r) for r in rows]
+        if self.run_dir is not None:
+            write_atomic(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.rows))
+
     def record(self, row: dict[str, Any]) -> None:
         row = _clean(row)
         self.rows.append(row)
@@ -107,14 +114,39 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     p = run_dir / METRICS
     if not p.is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no {METRICS})")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{p}: cannot read: {e}") from None
     rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{p}:{i}: not valid JSON") from None
+            if not _is_metrics_row(row):
+                raise UserError(
+                    f"{p}:{i}: not a metrics record (an object with an integer 'round' and numeric accuracies)"
+                )
+            rows.append(row)
     return rows
+
+
+def _is_number_or_none(v: Any) -> bool:
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def _is_metrics_row(row: Any) -> bool:
+    """What :func:`plot_accuracy` reads: an integer ``round``, numeric (or null) accuracies."""
+    if not isinstance(row, dict) or not isinstance(row.get("round"), int) or isinstance(row["round"], bool):
+        return False
+    groups = row.get("group_accuracy") or {}
+    return (
+        _is_number_or_none(row.get("accuracy"))
+        and isinstance(groups, dict)
+        and all(_is_number_or_none(v) for v in groups.values())
+    )
 
 
 def _pyplot() -> Any:
@@ -180,15 +212,21 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     """Redraw a run directory's PNGs from its files; returns the paths written."""
     d = Path(run_dir)
     if not d.is_dir():
-        raise UserError(f"run directory {str(d)!r} does not exist")
+        raise UserError(f"run directory {str(d)!r} {'is not a directory' if d.exists() else 'does not exist'}")
     rows = read_metrics(d)
+    counts = None
+    if (d / LABELS).is_file():  # read (and check) everything before writing anything
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numpy warns on a file with no data rows
+                counts = np.loadtxt(d / LABELS, delimiter=",", skiprows=1, ndmin=2)
+        except (ValueError, OSError):  # UnicodeDecodeError is a ValueError
+            raise UserError(f"{d / LABELS}: not a label-count matrix") from None
+        if counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any():
+            raise UserError(f"{d / LABELS}: not a label-count matrix")
     out = [d / "accuracy.png"]
     plot_accuracy(rows, out[0], title=d.name)
-    if (d / LABELS).is_file():
-        try:
-            counts = np.loadtxt(d / LABELS, delimiter=",", skiprows=1, ndmin=2)
-        except ValueError:
-            raise UserError(f"{d / LABELS}: not a label-count matrix") from None
+    if counts is not None:
         plot_partition(counts.astype(int), d / "partition.png")
         out.append(d / "partition.png")
     return out

@@ -26,8 +26,11 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedkd import records
+from fedkd.checkpoint import Resume, from_tree, rng_state, set_rng_state, to_tree
+from fedkd.checkpoint import save as save_checkpoint
 from fedkd.config import Config, from_run_config
 from fedkd.data import Dataset, load_dataset
 from fedkd.engines import MeteredGrid, default_out
@@ -124,10 +127,46 @@ class Evaluator:
         }
 
 
+class _Continued(Strategy):
+    """``strategy`` seen from Flower's round loop, with rounds numbered after ``offset``.
+
+    ``Strategy.start()`` counts rounds from 1; a resumed run continues at ``offset + 1``, so
+    every hook (sampling seeds, learning-rate decays, FedGen's schedule) sees the same
+    round numbers as in an uninterrupted run.
+    """
+
+    def __init__(self, strategy: Strategy, offset: int) -> None:
+        self.strategy, self.offset = strategy, offset
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Grid) -> Any:
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: Any, config: Any, grid: Grid) -> Any:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
 def run_federation(
-    grid: Grid, cfg: Config, run_dir: Path | None = None, on_round: OnRound | None = None
+    grid: Grid,
+    cfg: Config,
+    run_dir: Path | None = None,
+    on_round: OnRound | None = None,
+    resume: Resume | None = None,
 ) -> dict[str, Any]:
-    """Run one federated simulation on ``grid``; return the summary."""
+    """Run one federated simulation on ``grid``; return the summary.
+
+    With ``resume`` (a checkpoint of this run), continue after the checkpoint's round: the
+    strategy, the server state, the RNGs and the metric rows are restored, and the
+    metrics file is cut back to the checkpoint's rows.
+    """
     t0 = time.perf_counter()
     device = resolve_device(cfg.str("device"))
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
@@ -141,6 +180,7 @@ def run_federation(
     context = ServerContext(
         ds.shape, ds.num_classes, cfg.int("model.feature-dim") or None, device, cfg.int("seed"), cfg.int("rounds"),
         evaluate=lambda model: evaluate(model, ds.x_test, ds.y_test, bs, device),
+        max_update_norm=cfg.float("validation.max-update-norm"),
     )  # fmt: skip
     strategy = build_strategy(cfg, fed, context)
     recorder = RunRecorder(run_dir, on_round)
@@ -150,14 +190,42 @@ def run_federation(
     initial = records.pack({a: records.to_record(models[a]) for a in fed.groups})
     clock = {"t": time.perf_counter()}
     start_eval: dict[str, Any] = {}
+    offset, elapsed_before = 0, 0.0
+    if resume is not None:
+        payload = resume.payload
+        strategy.load_state_dict(payload["strategy"])
+        initial = from_tree(payload["arrays"])
+        recorder.restore(payload["rows"])
+        start_eval.update(payload["initial"])
+        offset, elapsed_before = resume.round, float(payload["elapsed"])
+        set_rng_state(payload["rng"])
+        log.info("resuming %s after round %d from %s", run_dir, offset, resume.path.name)
+    every, keep, rounds = cfg.int("checkpoint.every"), cfg.int("checkpoint.keep"), cfg.int("rounds")
+
+    def checkpoint(server_round: int, arrays: Any) -> None:
+        if run_dir is None or every == 0 or (server_round % every and server_round != rounds):
+            return
+        payload = {
+            "config": cfg.to_toml(),
+            "arrays": to_tree(arrays),
+            "strategy": strategy.state_dict(),
+            "rows": recorder.rows,
+            "initial": {k: v for k, v in start_eval.items()},
+            "elapsed": elapsed_before + time.perf_counter() - t0,
+            "rng": rng_state(),
+        }
+        save_checkpoint(run_dir, server_round, payload, keep)
 
     def evaluate_fn(server_round: int, arrays: Any) -> MetricRecord:
         ev = evaluator(arrays)
         counters = metered.reset()
         now = time.perf_counter()
-        if server_round == 0:  # before training: the handshake's traffic is not a round's
+        if server_round == 0 and offset:  # resumed: the restored state was evaluated before
+            pass
+        elif server_round == 0:  # before training: the handshake's traffic is not a round's
             start_eval.update(ev)
         else:
+            server_round += offset
             train: Any = strategy.last_train_metrics or {}
             extra = dict(strategy.round_metrics)
             strategy.round_metrics.clear()
@@ -175,14 +243,15 @@ def run_federation(
                     **extra,
                 }
             )
+            checkpoint(server_round, arrays)
         clock["t"] = now
         return MetricRecord({"accuracy": ev["accuracy"], "loss": ev["loss"]})
 
     run_cfg = records.run_config_record(cfg.to_toml())
-    strategy.start(
+    _Continued(strategy, offset).start(
         grid=metered,
         initial_arrays=initial,
-        num_rounds=cfg.int("rounds"),
+        num_rounds=rounds - offset,
         timeout=cfg.float("round-timeout"),
         train_config=run_cfg,
         evaluate_config=ConfigRecord(dict(run_cfg)),
@@ -196,20 +265,25 @@ def run_federation(
             "global_architecture": global_arch,
             "groups": {a: len(fed.nodes(a)) for a in fed.groups},
             "device": str(device),
-            "wall_seconds": time.perf_counter() - t0,
+            "wall_seconds": elapsed_before + time.perf_counter() - t0,
+            **({"resumed_after_round": offset} if offset else {}),
         }
     )
 
 
 def make_server_app(
-    cfg: Config, run_dir: Path | None, on_round: OnRound | None = None, sink: dict[str, Any] | None = None
+    cfg: Config,
+    run_dir: Path | None,
+    on_round: OnRound | None = None,
+    sink: dict[str, Any] | None = None,
+    resume: Resume | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a resolved config (local and ray engines)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_federation(grid, cfg, run_dir, on_round)
+        summary = run_federation(grid, cfg, run_dir, on_round, resume)
         if sink is not None:
             sink.update(summary)
 

@@ -123,6 +123,15 @@ class ServerDistiller:
             memory = MemoryBuffer(memory_batches * per_push, push_every=1, fraction=fraction, seed=seed)
         self.updater = StudentUpdater(rule, kd_loss(loss, temperature), memory)
 
+    def state_dict(self) -> dict[str, Any]:
+        memory = self.updater.memory
+        return {"synth": self.synth.state_dict(), "memory": memory.state_dict() if memory is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.synth.load_state_dict(state["synth"])
+        if self.updater.memory is not None:
+            self.updater.memory.load_state_dict(state["memory"])
+
     def set_label_prior(self, counts: np.ndarray | None) -> None:
         """Sample labels ∝ ``counts`` (FedFTG's customized label sampling); None: uniform."""
         if counts is None or float(np.sum(counts)) <= 0:
@@ -174,9 +183,8 @@ class ServerDistiller:
         return result
 
 
-def proxy_source(x: Tensor, batch_size: int, device: torch.device, seed: int) -> BatchSource:
-    """Unlabelled proxy data (FedDF with a proxy dataset) as a batch source."""
-    gen = torch.Generator().manual_seed(seed)
+def proxy_source(x: Tensor, batch_size: int, device: torch.device, gen: torch.Generator) -> BatchSource:
+    """Unlabelled proxy data (FedDF with a proxy dataset) as a batch source drawing with ``gen``."""
 
     def draw() -> tuple[Tensor, Tensor | None]:
         idx = torch.randint(len(x), (batch_size,), generator=gen)
@@ -296,33 +304,18 @@ class DistillationStrategy(GroupedStrategy):
         """Distillation data; None: the generator's samples (data-free)."""
         return None
 
-    def _valid(self, replies: list[Message]) -> list[Message]:
-        """Drop replies whose label counts are missing or malformed (counted as rejected)."""
-        ok, rejected = [], 0
-        for msg in replies:
-            if msg.has_error():
-                ok.append(msg)  # the base strategy logs and skips failures
-                continue
-            info = msg.content.config_records.get(records.INFO)
-            counts = info.get(records.LABEL_COUNTS) if info is not None else None
-            if (
-                not isinstance(counts, list)
-                or len(counts) != self.federation.label_counts.shape[1]
-                or any((not isinstance(c, int)) or c < 0 for c in counts)
-            ):
-                rejected += 1
-                log.warning("reply from node %s has no valid label counts: rejected", msg.metadata.src_node_id)
-                continue
-            ok.append(msg)
-        self.round_metrics["rejected"] = self.round_metrics.get("rejected", 0) + rejected
-        return ok
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "distiller": self.distiller.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.distiller.load_state_dict(state["distiller"])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = self._valid(list(replies))
         state, metrics = super().aggregate_train(server_round, replies)
-        members = self.client_models(replies)
+        members = self.client_models(self.accepted)
         if state is None or not members or self.iterations == 0:
             return state, metrics
         assert self.context is not None

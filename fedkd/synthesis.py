@@ -282,6 +282,21 @@ class Synthesizer:
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
         self._rng = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Generator, optimizer, noise stream and label prior (for checkpoints)."""
+        return {
+            "generator": self.generator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self._rng.get_state(),
+            "label_prior": self.label_prior,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._rng.set_state(state["rng"])
+        self.label_prior = state["label_prior"]
+
     @property
     def device(self) -> torch.device:
         """The generator's device."""
@@ -379,10 +394,6 @@ class Synthesizer:
             return x, y
 
         return draw
-
-    def state_dict(self) -> dict[str, Any]:
-        """Generator and optimizer state (for checkpoints / sending to clients)."""
-        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
 
 
 def build_generator(name: str, out_shape: tuple[int, ...], num_classes: int, **params: Any) -> nn.Module:

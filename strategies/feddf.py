@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from fedkd.data import load_dataset
-from fedkd.errors import ConfigError
+from fedkd.errors import ConfigError, UserError
 from fedkd.server_kd import BatchSource, DistillationStrategy, proxy_source
 from strategies import STRATEGIES
 
@@ -50,17 +52,31 @@ class FedDF(DistillationStrategy):
             *args, preset=preset, weights=weights, iterations=iterations, student_steps=student_steps, **kwargs
         )
         self._proxy: BatchSource | None = None
+        self._proxy_rng = torch.Generator()
         if proxy:
             assert self.context is not None
-            ds = load_dataset(proxy, proxy_root)
+            try:
+                ds = load_dataset(proxy, proxy_root)
+            except UserError as e:  # its messages name dataset.root; here the key is proxy-root
+                raise ConfigError(
+                    f"strategy.feddf.proxy {proxy!r}: {str(e).replace('dataset.root', 'strategy.feddf.proxy-root')}"
+                ) from None
             if ds.shape != self.context.in_shape:
                 raise ConfigError(
                     f"strategy.feddf.proxy {proxy!r} has inputs of shape {ds.shape}, but the federation's are "
                     f"{self.context.in_shape}"
                 )
+            self._proxy_rng.manual_seed(self.context.seed)
             self._proxy = proxy_source(
-                ds.x_train, self.distiller.synth.batch_size, self.context.device, self.context.seed
+                ds.x_train, self.distiller.synth.batch_size, self.context.device, self._proxy_rng
             )
 
     def source(self) -> BatchSource | None:
         return self._proxy
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "proxy_rng": self._proxy_rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._proxy_rng.set_state(state["proxy_rng"])

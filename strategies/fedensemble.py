@@ -30,9 +30,8 @@ class FedEnsemble(GroupedStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
         state, metrics = super().aggregate_train(server_round, replies)
-        members = self.client_models(replies)
+        members = self.client_models(self.accepted)
         if members and self.context is not None and self.context.evaluate is not None:
             loss, acc = self.context.evaluate(EnsembleTeacher([m for m, _ in members]))
             self.round_metrics.update({"accuracy": acc, "loss": loss, "ensemble_size": len(members)})

@@ -103,6 +103,15 @@ class FedGen(GroupedStrategy):
         self.prior = self.federation.label_counts.sum(0).astype(np.float64)
         self.trained = False
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "synth": self.synth.state_dict(), "prior": torch.from_numpy(self.prior.copy()),
+                "trained": self.trained}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.synth.load_state_dict(state["synth"])
+        self.prior, self.trained = state["prior"].numpy(), bool(state["trained"])
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -126,9 +135,8 @@ class FedGen(GroupedStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
         state, metrics = super().aggregate_train(server_round, replies)
-        members = [(m, c) for m, c in self.client_models(replies) if c.size == self.prior.size]
+        members = [(m, c) for m, c in self.client_models(self.accepted) if c.size == self.prior.size]
         if not members:
             return state, metrics
         heads = [m.classifier for m, _ in members]

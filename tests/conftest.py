@@ -30,6 +30,14 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
+@pytest.fixture
+def task_identity() -> None:
+    """Flower's runtimes set the ServerApp's identity before strategies create Messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
 def make_reply(src_node_id: int, content, dst_node_id: int = 1, message_type: str = "train"):
     """A reply Message from ``src_node_id``, as Flower's own strategy tests build them."""
     from flwr.app import Metadata

@@ -20,12 +20,7 @@ NODE_ARCH = {11: "a", 12: "a", 21: "b", 22: "b", 23: "b"}
 NODE_PID = {11: 0, 12: 1, 21: 2, 22: 3, 23: 4}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower's runtimes set the ServerApp's identity before strategies create Messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def fed(global_arch: str = "a") -> Federation:
@@ -52,7 +47,7 @@ def train_reply(reply, node: int, value: float, n: int, loss: float = 1.0):
         {
             records.ARRAYS: arrays,
             records.METRICS: MetricRecord({records.NUM_EXAMPLES: n, records.TRAIN_LOSS: loss}),
-            records.INFO: ConfigRecord({records.LABEL_COUNTS: [1, 2, 3]}),
+            records.INFO: ConfigRecord({records.LABEL_COUNTS: [n, 0, 0]}),
         }
     )
     return reply(node, content)

@@ -17,7 +17,9 @@ from fedkd.errors import ConfigError
 from fedkd.federation import build_strategy
 from fedkd.train import FedGenRegularizer
 from generators.feature import FeatureGenerator
-from tests.test_kd_strategies import CLASSES, DS, _Grid, _task_identity, context, federation  # noqa: F401
+from tests.test_kd_strategies import CLASSES, DS, _Grid, context, federation
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def fedgen(*sets: str):

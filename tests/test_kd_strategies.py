@@ -27,11 +27,7 @@ ARCHS = {11: "mlp", 12: "mlp", 21: "lenet5", 22: "lenet5"}
 PIDS = {11: 0, 12: 1, 21: 2, 22: 3}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def context(rounds: int = 3) -> ServerContext:
