@@ -345,7 +345,14 @@ class GroupedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = arrays
-        return self._fan_out("configure_train", server_round, arrays, config, grid)
+        msgs = self._fan_out("configure_train", server_round, arrays, config, grid)
+        # which partitions train this round (metrics.jsonl `sampled`: a determinism witness)
+        self.round_metrics["sampled"] = sorted(
+            self.federation.node_partition[m.metadata.dst_node_id]
+            for m in msgs
+            if m.metadata.dst_node_id in self.federation.node_partition
+        )
+        return msgs
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
