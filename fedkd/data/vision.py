@@ -37,6 +37,64 @@ _FILE_ERRORS = (
 _TV_DOWNLOAD_HINT = "You can use download=True to download it"
 
 
+# The only callables a CIFAR batch (a pickled dict of numpy arrays, from Python 2) may name.
+SAFE_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+)  # fmt: skip
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+)
+
+
+def check_pickle(path: Path) -> None:
+    """Refuse a pickle that could run anything but numpy's array reconstruction.
+
+    The file is only *read* here, opcode by opcode (:mod:`pickletools`), never executed:
+    every global it references must be in :data:`SAFE_PICKLE_GLOBALS`, and the opcodes
+    that reach callables any other way (extension codes) are refused. Only then may
+    torchvision unpickle it.
+    """
+    import pickletools
+
+    recent: list[str | None] = []  # what the last opcodes pushed, when they were strings
+    memo: dict[int, str | None] = {}
+    try:
+        data = path.read_bytes()
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                ref = (module, attr)
+            elif name == "STACK_GLOBAL":
+                ok = len(recent) >= 2 and recent[-2] is not None and recent[-1] is not None
+                ref = (str(recent[-2]), str(recent[-1])) if ok else ("<computed>", "<computed>")
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                ref = ("copyreg extension", str(arg))
+            else:
+                top = recent[-1] if recent else None
+                if name in _STRING_OPS:
+                    recent.append(str(arg))
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = top
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = top  # type: ignore[arg-type]
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    recent.append(memo.get(int(arg)))  # type: ignore[arg-type]
+                else:
+                    recent.append(None)
+                continue
+            if ref not in SAFE_PICKLE_GLOBALS:
+                raise UserError(f"refusing to unpickle {path}: it references {ref[0]}.{ref[1]}, not only numpy arrays")
+            recent.append(None)
+    except (ValueError, EOFError, IndexError) as e:  # truncated or not a pickle
+        raise UserError(f"{path} is corrupted or not a pickle ({type(e).__name__}: {_first_line(e)})") from None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0].strip() if text else ""
@@ -89,6 +147,7 @@ def _vision(
     labels_attr: str = "targets",
     num_classes: int = 10,
     fix: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    pickles: bool = False,
 ) -> Callable[[str, bool], Dataset]:
     def load(root: str = "", download: bool = False) -> Dataset:
         if not root:
@@ -98,6 +157,11 @@ def _vision(
                 raise UserError(f"dataset.root {root!r} does not exist (dataset {name!r})")
             if not Path(root).is_dir():
                 raise UserError(f"dataset.root {root!r} is not a folder (dataset {name!r})")
+        if pickles and not download:  # torchvision unpickles these files: check them first
+            folder = Path(root) / files
+            for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+                if f.is_file():
+                    check_pickle(f)
         tv = import_torchvision()
         cls = getattr(tv.datasets, cls_name)
         where = f"cannot load {name!r} from dataset.root {root!r} (expects {files})"
@@ -155,8 +219,10 @@ DATASETS.add(
         fix=_emnist_fix,
     ),
 )
-DATASETS.add("cifar10", _vision("cifar10", "CIFAR10", _train_kw, "cifar-10-batches-py/", "NHWC"))
-DATASETS.add("cifar100", _vision("cifar100", "CIFAR100", _train_kw, "cifar-100-python/", "NHWC", num_classes=100))
+DATASETS.add("cifar10", _vision("cifar10", "CIFAR10", _train_kw, "cifar-10-batches-py/", "NHWC", pickles=True))
+DATASETS.add(
+    "cifar100", _vision("cifar100", "CIFAR100", _train_kw, "cifar-100-python/", "NHWC", num_classes=100, pickles=True)
+)
 DATASETS.add(
     "svhn",
     _vision(

@@ -376,3 +376,35 @@ def test_real_environment_says_torchvision_cannot_be_imported(tmp_path: Path) ->
     )
     assert got["direct"] == lines[0].removeprefix("error: ")
     assert not (tmp_path / "o").exists()
+
+
+class _Evil:
+    """Unpickling this runs a shell command: the attack check_pickle must stop."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickles_are_checked_before_anything_unpickles_them(tmp_path: Path, protocol: int) -> None:
+    from fedkd.data.vision import check_pickle
+
+    good = tmp_path / "good"
+    good.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "x": np.arange(3), "labels": [1, 2]},
+                                  protocol=protocol))  # fmt: skip
+    check_pickle(good)  # numpy arrays only: accepted
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    evil.parent.mkdir()
+    evil.write_bytes(pickle.dumps({"data": _Evil(marker)}, protocol=protocol))
+    with pytest.raises(UserError, match=r"refusing to unpickle .*data_batch_1: it references (posix|os)\.system"):
+        load_dataset("cifar10", str(tmp_path))  # before torchvision is even imported
+    assert not marker.exists()
+    (tmp_path / "trunc").write_bytes(good.read_bytes()[:20])
+    with pytest.raises(UserError, match="is corrupted or not a pickle"):
+        check_pickle(tmp_path / "trunc")
