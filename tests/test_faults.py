@@ -155,3 +155,21 @@ def test_scale_attack_robust_base_keeps_accuracy_plain_fedavg_does_not(tmp_path)
 def test_norm_bound_rejects_the_scaled_updates(tmp_path):
     run(tmp_path / "r", *ATTACK[:-1], "faults.scale-attack=1000", "validation.max-update-norm=20", "rounds=1")
     assert rows(tmp_path / "r")[0]["rejected"] == 2
+
+
+def _kd_strategies() -> list[str]:
+    from fedkd.config import plugin_params
+    from strategies import STRATEGIES
+
+    return [n for n in STRATEGIES.names() if "base" in plugin_params("strategy", n)]
+
+
+@pytest.mark.parametrize("base", ["fedmedian", "fedtrimmedavg", "krum"])
+@pytest.mark.parametrize("name", _kd_strategies())  # fedgen, fedensemble, feddf, dense, fedftg
+def test_every_strategy_takes_a_robust_aggregator_as_base(name, base):
+    from fedkd.cli import _preflight
+    from fedkd.config import load_config
+
+    sets = ["clients.num=4", "clients.architectures=cnn-bn", f"strategy.name={name}", f"strategy.{name}.base={base}",
+            "model.feature-dim=16"] + (["rounds=1"] if name == "dense" else [])  # fmt: skip
+    _preflight(load_config(None, sets, 0))
