@@ -63,7 +63,9 @@ def round_printer(total: int) -> Callable[[dict[str, Any]], None]:
         print(
             f"round {row['round']:>3}/{total}  acc {_num(row['accuracy'])}  loss {_num(row['loss'])}  "
             f"train_loss {_num(row.get('train_loss'))}  up {_mb(row['bytes_up'])}  down {_mb(row['bytes_down'])}  "
-            f"fail {row['failures']}  {row['seconds']:.1f}s{extra}",
+            f"fail {row['failures']}"
+            + (f" rej {row['rejected']}" if row.get("rejected") else "")
+            + f"  {row['seconds']:.1f}s{extra}",
             flush=True,
         )
 

@@ -19,6 +19,7 @@ from fedkd import faults as F
 from fedkd import records
 from fedkd.config import Config
 from fedkd.data import label_counts, load_dataset, partition
+from fedkd.data.partition import is_lazy, partition_of
 from fedkd.errors import UserError
 from fedkd.federation import parse_architectures
 from fedkd.models import FedkdModel, build_model
@@ -46,11 +47,31 @@ def message_config(msg: Message) -> Config:
 def _partitions(
     dataset: str, root: str, download: bool, method: str, kwargs: tuple[tuple[str, object], ...], n: int, seed: int
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every client's indices and label counts of an eager partitioner (one split per config)."""
     ds = load_dataset(dataset, root, download)
     labels = ds.y_train.numpy()
     parts = partition(method, labels, n, seed, **dict(kwargs))
     counts = torch.as_tensor(label_counts(labels, parts, ds.num_classes))
     return [torch.as_tensor(p) for p in parts], counts
+
+
+@lru_cache(maxsize=1024)
+def _lazy_partition(
+    dataset: str,
+    root: str,
+    download: bool,
+    method: str,
+    kwargs: tuple[tuple[str, object], ...],
+    n: int,
+    seed: int,
+    pid: int,
+) -> tuple[torch.Tensor, list[int]]:
+    """One client's indices and label counts of a lazy partitioner: only ``pid`` is computed,
+    and the cache is bounded, so a process never holds every client's partition."""
+    ds = load_dataset(dataset, root, download)
+    labels = ds.y_train.numpy()
+    idx = partition_of(method, labels, n, seed, pid, **dict(kwargs))
+    return torch.as_tensor(idx), label_counts(labels, [idx], ds.num_classes)[0].tolist()
 
 
 def client_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -60,18 +81,15 @@ def client_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor,
         raise UserError(f"partition-id {pid} is outside [0, {n}) for clients.num={n}")
     method = cfg.str("partition.name")
     kwargs = tuple(sorted(cfg.plugin_kwargs("partition", method).items()))
-    parts, counts = _partitions(
-        cfg.str("dataset.name"),
-        cfg.str("dataset.root"),
-        cfg.bool("dataset.download"),
-        method,
-        kwargs,
-        n,
-        cfg.int("seed"),
-    )
+    key = (cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"), method, kwargs, n,
+           cfg.int("seed"))  # fmt: skip
+    if is_lazy(method):
+        idx, counts = _lazy_partition(*key, pid)
+    else:
+        parts, all_counts = _partitions(*key)
+        idx, counts = parts[pid], all_counts[pid].tolist()
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
-    idx = parts[pid]
-    return ds.x_train[idx], ds.y_train[idx], counts[pid].tolist()
+    return ds.x_train[idx], ds.y_train[idx], counts
 
 
 def partition_id(context: Context) -> int:

@@ -190,7 +190,8 @@ def plot_partition(counts: np.ndarray, path: Path) -> None:
     """Heat-map of per-client label counts."""
     plt = _pyplot()
     n, k = counts.shape
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), max(3, 0.3 * n + 1.5)))
+    # capped: thousands of clients become thin rows, not a figure of 100,000 pixels
+    fig, ax = plt.subplots(figsize=(min(max(4, 0.45 * k + 2), 16), min(max(3, 0.3 * n + 1.5), 12)))
     im = ax.imshow(counts, aspect="auto", cmap="viridis")
     ax.set_xlabel("class")
     ax.set_ylabel("client (partition id)")

@@ -1,21 +1,51 @@
 """Partitioners: split sample indices across clients, deterministically for a seed.
 
-Each partitioner is ``f(labels, num_partitions, seed, **params) -> list[ndarray]`` where the
-i-th array holds the (sorted) training-sample indices of client i. Parameters are set in
-the config as ``partition.<name>.<param>`` (kebab-case), e.g. ``partition.dirichlet.alpha``.
+Two kinds share one registry:
+
+* eager partitioners ``f(labels, num_partitions, seed, **params) -> list[ndarray]``, where the
+  i-th array holds the (sorted) training-sample indices of client i: a disjoint split, computed
+  for all clients at once;
+* lazy partitioners (registered with :func:`lazy`) ``f(labels, num_partitions, seed, pid,
+  **params) -> ndarray``: the (sorted) indices of client ``pid`` alone, computed from
+  ``(seed, pid)`` without looking at any other client. They *sample* from the training set, so
+  clients may share samples, and any number of clients fits a small dataset (for runs with
+  thousands of registered clients: nothing per client is held for all clients).
+
+:func:`partition` gives every client's indices for either kind; :func:`partition_of` gives one
+client's, and for a lazy partitioner computes only that one. Parameters are set in the config
+as ``partition.<name>.<param>`` (kebab-case), e.g. ``partition.dirichlet.alpha`` or
+``partition.lazy-dirichlet.size``.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, TypeVar
 
 import numpy as np
 
 from fedkd.errors import ConfigError
 from fedkd.registry import Registry
 
-Partitioner = Callable[..., list[np.ndarray]]
+Partitioner = Callable[..., Any]  # eager: -> list[ndarray]; lazy (see `lazy`): -> ndarray
 PARTITIONERS: Registry[Partitioner] = Registry("partitioner")
+
+_LAZY_FLAG = "fedkd_lazy_partitioner"
+F = TypeVar("F", bound=Callable[..., np.ndarray])
+
+
+def lazy(fn: F) -> F:
+    """Mark ``fn`` as a lazy partitioner: ``fn(labels, num_partitions, seed, pid, **params)``
+    returns client ``pid``'s indices, computed from ``(seed, pid)`` alone."""
+    setattr(fn, _LAZY_FLAG, True)
+    return fn
+
+
+def is_lazy(name: str) -> bool:
+    """Whether the registered partitioner ``name`` is lazy (one client at a time)."""
+    return bool(getattr(PARTITIONERS.get(name), _LAZY_FLAG, False))
 
 
 def _check_common(labels: np.ndarray, n: int) -> None:
@@ -133,6 +163,73 @@ def quantity_skew(labels: np.ndarray, num_partitions: int, seed: int, sigma: flo
     return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
+# --------------------------------------------------------------------------------------
+# Lazy partitioners: one client from (seed, pid); samples may be shared across clients.
+# --------------------------------------------------------------------------------------
+def _client_rng(name: str, seed: int, pid: int) -> np.random.Generator:
+    """The generator of client ``pid``: from ``(seed, partitioner, pid)`` only, never from
+    ``num_partitions`` nor from other clients (``zlib.crc32``: stable across processes)."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), pid])
+
+
+def _check_size(name: str, size: int, available: int, what: str) -> None:
+    if size < 1:
+        raise ConfigError(f"partition.{name}.size must be ≥ 1, got {size}")
+    if size > available:
+        raise ConfigError(f"partition.{name}.size={size} exceeds {what} ({available})")
+
+
+def _class_pools(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The classes present and each class's sample indices (cached: clients of one dataset
+    share them, so a client costs O(size), not a pass over the labels)."""
+    labels = np.ascontiguousarray(labels)
+    return _class_pools_of(labels.tobytes(), labels.dtype.str)
+
+
+@lru_cache(maxsize=4)
+def _class_pools_of(raw: bytes, dtype: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    labels = np.frombuffer(raw, dtype=dtype)
+    classes = np.unique(labels)
+    pools = [np.flatnonzero(labels == c) for c in classes]
+    for a in (classes, *pools):
+        a.setflags(write=False)
+    return classes, pools
+
+
+@PARTITIONERS.register("lazy-iid")
+@lazy
+def lazy_iid(labels: np.ndarray, num_partitions: int, seed: int, pid: int, size: int = 50) -> np.ndarray:
+    """Sampling, not a split: client ``pid`` draws ``size`` samples uniformly, without
+    replacement within the client, from ``rng(seed, pid)``. Clients may share samples; the
+    result does not depend on ``num_partitions``, so any number of clients fits any dataset."""
+    _check_size("lazy-iid", size, len(labels), "the training samples")
+    return _client_rng("lazy-iid", seed, pid).choice(len(labels), size, replace=False)
+
+
+@PARTITIONERS.register("lazy-dirichlet")
+@lazy
+def lazy_dirichlet(
+    labels: np.ndarray, num_partitions: int, seed: int, pid: int, alpha: float = 0.5, size: int = 50
+) -> np.ndarray:
+    """Sampling, not a split: label skew per client. Client ``pid`` draws class proportions
+    p ~ Dir(α) over the classes present and class counts ~ Multinomial(``size``, p) from
+    ``rng(seed, pid)``, then that many samples of each class, without replacement within the
+    client. Clients may share samples; the result does not depend on ``num_partitions``.
+    Low α gives few classes per client (α → 0: one class), high α near-uniform classes.
+    ``size`` must not exceed the smallest class (a client may draw all its samples from it).
+    """
+    if not alpha > 0:
+        raise ConfigError(f"partition.lazy-dirichlet.alpha must be > 0, got {alpha}")
+    classes, pools = _class_pools(labels)
+    _check_size("lazy-dirichlet", size, min(len(q) for q in pools), "the smallest class's training samples")
+    rng = _client_rng("lazy-dirichlet", seed, pid)
+    p = rng.dirichlet(np.full(len(classes), alpha))
+    if not (np.isfinite(p).all() and p.sum() > 0):  # every component underflowed (α ≪ 1)
+        p = np.eye(len(classes))[rng.integers(len(classes))]
+    counts = rng.multinomial(size, p / p.sum())
+    return np.concatenate([q[rng.choice(len(q), k, replace=False)] for q, k in zip(pools, counts, strict=True) if k])
+
+
 def _finish(name: str, parts: list[list[int]]) -> list[np.ndarray]:
     for i, q in enumerate(parts):
         if not q:
@@ -141,9 +238,32 @@ def _finish(name: str, parts: list[list[int]]) -> list[np.ndarray]:
 
 
 def partition(name: str, labels: np.ndarray, num_partitions: int, seed: int, **params: object) -> list[np.ndarray]:
-    """Run a registered partitioner and check that no client is empty."""
+    """Every client's indices from a registered partitioner; no client may be empty.
+
+    A lazy partitioner is called once per client here (all clients are materialized); use
+    :func:`partition_of` for one client.
+    """
+    if is_lazy(name):
+        return [partition_of(name, labels, num_partitions, seed, pid, **params) for pid in range(num_partitions)]
     parts = PARTITIONERS.get(name)(np.asarray(labels), num_partitions, seed, **params)
     return _finish(name, [p.tolist() for p in parts])
+
+
+def partition_of(
+    name: str, labels: np.ndarray, num_partitions: int, seed: int, pid: int, **params: object
+) -> np.ndarray:
+    """Client ``pid``'s indices. A lazy partitioner computes only this client; an eager one
+    computes the whole split (callers cache it, see ``fedkd.client_app``)."""
+    if num_partitions < 1:
+        raise ConfigError(f"clients.num must be ≥ 1, got {num_partitions}")
+    if not 0 <= pid < num_partitions:
+        raise ConfigError(f"partition id {pid} is outside [0, {num_partitions})")
+    if not is_lazy(name):
+        return partition(name, labels, num_partitions, seed, **params)[pid]
+    idx = np.asarray(PARTITIONERS.get(name)(np.asarray(labels), num_partitions, seed, pid, **params))
+    if idx.size == 0:
+        raise ConfigError(f"partition.{name} leaves client {pid} empty; change its parameters")
+    return np.sort(idx.astype(np.int64))
 
 
 def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
