@@ -236,7 +236,7 @@ ROWS = [
     pytest.param([*RUN, "--set", "checkpoint.keep=0", *NEW], "checkpoint.keep must be ≥ 1", id="checkpoint-keep-zero"),
     pytest.param(["run", "--resume", "{run}", "--seed", "3"], "--resume takes the run's own config; drop --seed", id="resume-with-seed"),
     pytest.param(["run", "--resume", "{run}"], "already finished (it has summary.json)", id="resume-finished-run"),
-    pytest.param(["run", "--resume", "{new}"], "is not a directory", id="resume-missing-dir"),
+    pytest.param(["run", "--resume", "{new}"], "is not a directory", id="run-resume-missing-dir"),
     pytest.param(["run", "--resume"], "expected one argument", id="resume-no-value"),
     pytest.param([*RUN, "--out", "{run}"], "output directory '{run}' already holds a run", id="out-existing-run"),
     pytest.param(["run", "{run}/config.toml", "--out", "{run}"], "already holds a run", id="out-rerun-into-own-dir"),
