@@ -142,6 +142,13 @@ ROWS = [
                  "unknown strategy 'fedfoo'", id="kd-base-unknown"),
     pytest.param([*RUN, "--set", "strategy.name=feddf", "--set", "strategy.feddf.retention=forever", *NEW],
                  "strategy.feddf.retention must be one of", id="kd-bad-choice"),
+    pytest.param([*RUN, "--set", "strategy.name=feddf", "--set", "strategy.feddf.generator=feature", *NEW],
+                 "strategy.feddf.generator 'feature' is not an input-space generator", id="kd-generator-wrong-space"),
+    pytest.param([*RUN, "--set", "strategy.name=fedftg", "--set", "strategy.fedftg.generator=", *NEW],
+                 "unknown generator ''", id="kd-no-generator"),
+    pytest.param([*RUN, "--set", "strategy.name=feddf", "--set", "strategy.feddf.proxy=digits", *NEW],
+                 "strategy.feddf.proxy 'digits' has inputs of shape (1, 8, 8), but the federation's are (1, 28, 28)",
+                 id="kd-proxy-shape"),
     pytest.param([*RUN, "--set", "strategy.name=feddf", "--set", "strategy.feddf.proxy=cifar10", *NEW],
                  "set strategy.feddf.proxy-root", id="kd-proxy-without-root"),
     # ---------------------------------------------------------------- CLI flags
