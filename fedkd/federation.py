@@ -232,6 +232,7 @@ class GroupedStrategy(Strategy):
         self.round_metrics: dict[str, Any] = {}
         #: The train replies of the last round that passed validation, by partition id.
         self.accepted: list[Message] = []
+        self._specs: dict[str, ArrayRecord] = {}
 
     # --- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -295,7 +296,11 @@ class GroupedStrategy(Strategy):
                 continue
             src = msg.metadata.src_node_id
             arch = self.federation.node_arch.get(src)
-            why = "unknown node" if arch is None else check_reply(msg, records.unpack(self.current, arch), num_classes, bound)  # fmt: skip
+            why = (
+                "unknown node"
+                if arch is None
+                else check_reply(msg, records.unpack(self.current, arch), num_classes, bound, self._spec(arch))
+            )
             if why is None:
                 ok.append(msg)
             else:
@@ -304,6 +309,14 @@ class GroupedStrategy(Strategy):
         self.round_metrics["rejected"] = self.round_metrics.get("rejected", 0) + rejected
         ok.sort(key=lambda m: self.federation.node_partition.get(m.metadata.src_node_id, -1))
         return ok
+
+    def _spec(self, arch: str) -> ArrayRecord | None:
+        """A fresh model of ``arch`` as an ArrayRecord: the names, shapes and dtypes a client sends."""
+        if self.context is None:
+            return None
+        if arch not in self._specs:
+            self._specs[arch] = records.to_record(self.context.build(arch))
+        return self._specs[arch]
 
     def _by_group(self, replies: Iterable[Message]) -> dict[str, list[Message]]:
         out: dict[str, list[Message]] = defaultdict(list)

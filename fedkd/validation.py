@@ -28,8 +28,18 @@ def _finite_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-def check_reply(msg: Message, expected: ArrayRecord, num_classes: int, max_update_norm: float = 0.0) -> str | None:
-    """Why ``msg`` must be rejected, or None when it is usable."""
+def check_reply(
+    msg: Message, expected: ArrayRecord, num_classes: int, max_update_norm: float = 0.0, spec: ArrayRecord | None = None
+) -> str | None:
+    """Why ``msg`` must be rejected, or None when it is usable.
+
+    ``expected`` is the server's current state of the client's group (names, shapes, and the
+    reference of the update norm). ``spec`` is a freshly built model of the architecture: its
+    dtypes are the ones a client must send. The current state's dtypes are no reference:
+    Flower's averaging turns integer buffers (BatchNorm's ``num_batches_tracked``) into
+    floats, and a client loads them back into its integer buffers. Without ``spec``, any
+    numeric dtype is accepted.
+    """
     content = msg.content
     arrays = content.array_records.get(records.ARRAYS)
     if arrays is None:
@@ -41,9 +51,14 @@ def check_reply(msg: Message, expected: ArrayRecord, num_classes: int, max_updat
     sq = 0.0
     for name, arr in arrays.items():
         ref = expected[name]
-        if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
-            return f"array {name!r} is {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}"
+        want = spec[name].dtype if spec is not None and name in spec else None
         a = arr.numpy()
+        if (
+            tuple(arr.shape) != tuple(ref.shape)
+            or (want is not None and arr.dtype != want)
+            or a.dtype.kind not in "biuf"
+        ):
+            return f"array {name!r} is {arr.dtype}{list(arr.shape)}, expected {want or 'numeric'}{list(ref.shape)}"
         if a.dtype.kind in "fc":
             if not np.isfinite(a).all():
                 return f"array {name!r} holds NaN or Inf"

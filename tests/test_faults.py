@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedkd import faults as F
 from fedkd import records
-from fedkd.federation import Federation, GroupedStrategy, ServerContext
+from fedkd.federation import Federation, GroupedStrategy
 from fedkd.validation import check_reply
 from tests.test_e2e import rows, run
 
@@ -43,6 +43,7 @@ def content(w=None, n=6, counts=(1, 2, 3), loss=0.5, names=("w", "n"), **drop):
         ({"w": np.full((2, 3), np.nan, np.float32)}, "NaN or Inf"),
         ({"w": np.array([[1, np.inf, 0], [0, 0, 0]], np.float32)}, "NaN or Inf"),
         ({"w": np.ones((3, 2), np.float32)}, "expected float32[2, 3]"),
+        ({"w": np.array([["a"] * 3] * 2)}, "expected float32[2, 3]"),
         ({"w": np.ones((2, 3), np.float64)}, "expected float32[2, 3]"),
         ({"names": ("w",)}, "missing ['n']"),
         ({"names": ("w", "n", "x")}, "unexpected ['x']"),
@@ -58,8 +59,21 @@ def content(w=None, n=6, counts=(1, 2, 3), loss=0.5, names=("w", "n"), **drop):
     ],
 )
 def test_check_reply_rejects_every_malformed_update(reply, kwargs, fragment):
-    why = check_reply(reply(11, content(**kwargs)), EXPECTED, num_classes=3)
+    why = check_reply(reply(11, content(**kwargs)), EXPECTED, num_classes=3, spec=EXPECTED)
     assert (why is None) if fragment is None else (fragment in why), why
+
+
+def test_averaged_integer_buffers_do_not_reject_honest_replies(reply):
+    """FedAvg turns BatchNorm's int64 counter into float64 on the server; clients send int64 back."""
+    averaged = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "n": Array(np.zeros(1, np.float64))})
+    assert check_reply(reply(11, content()), averaged, 3, spec=EXPECTED) is None
+    assert check_reply(reply(11, content()), averaged, 3) is None  # no spec: any numeric dtype
+
+
+def test_batchnorm_models_are_accepted_after_the_first_average(tmp_path):
+    run(tmp_path / "r", *FAULTY[:2], "clients.architectures=cnn-bn", "clients.local-steps=3", "partition.name=iid",
+        "rounds=2")  # fmt: skip
+    assert [r["rejected"] for r in rows(tmp_path / "r")] == [0, 0]
 
 
 def test_norm_bound(reply):
@@ -97,8 +111,7 @@ def test_scale_update_and_label_flip_math():
 
 def test_a_nan_update_never_reaches_the_global_model(reply):
     fed = Federation({11: 0, 12: 1, 13: 2}, {11: "a", 12: "a", 13: "a"}, np.ones((3, 3), int), "a")
-    s = GroupedStrategy(fed, lambda n: FedAvg(fraction_evaluate=0.0, min_available_nodes=n),
-                        ServerContext((1, 2, 2), 3, None, torch.device("cpu")))  # fmt: skip
+    s = GroupedStrategy(fed, lambda n: FedAvg(fraction_evaluate=0.0, min_available_nodes=n))
     state = records.pack({"a": EXPECTED})
 
     class Grid:
