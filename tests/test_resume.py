@@ -137,8 +137,10 @@ def test_kill_9_mid_round_then_resume(tmp_path):
     """The issue's test: a real process killed with SIGKILL mid-run, resumed from the CLI."""
     sets = [*KD, "rounds=5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert main(argv(full, sets)) == 0
     fedkd = [sys.executable, "-m", "fedkd.cli"]
+    # the reference run is a subprocess too: same process-level settings (torch threads) as the cut one
+    ref = subprocess.run([*fedkd, *argv(full, sets)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
     proc = subprocess.Popen([*fedkd, *argv(cut, sets)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
