@@ -48,18 +48,13 @@ S1 = REPO / "sims" / "suites" / "s1" / "mnist5k-fedavg-dir0.1.toml"
 SETS = ["rounds=15", "strategy.feddf.iterations=4", "strategy.fedftg.iterations=4"]
 
 
-def local_config(cfg) -> LocalTrainConfig:  # noqa: ANN001
-    return LocalTrainConfig(epochs=cfg.int("clients.local-epochs"), steps=cfg.int("clients.local-steps"),
-                            batch_size=cfg.int("clients.batch-size"), lr=cfg.float("clients.lr"))  # fmt: skip
-
-
 def fedgen_overhead(reps: int) -> dict[str, float]:
     cfg = load_config(S1, [*SETS, "strategy.name=fedgen"], 0)
     x, y, counts = client_partition(cfg, 0)
     model0 = client_model(cfg, 0)
     gen = build_generator("feature", (model0.feature_dim,), 10, latent_dim=32, hidden_dim=256)  # FedGen's defaults
     prior = torch.as_tensor(np.full(10, 0.1))
-    local = local_config(cfg)
+    local = LocalTrainConfig.from_config(cfg)
     plain, reg = [], []
     for r in range(reps):
         for which in ("plain", "fedgen"):
@@ -93,7 +88,7 @@ def server_ratio() -> list[tuple[str, float, float, float]]:
         model = client_model(cfg, pid)
         model.load_state_dict(init.state_dict())
         t = time.perf_counter()
-        loss = train_local(model, x, y, local_config(cfg), seed=derive_seed(0, pid, 1))
+        loss = train_local(model, x, y, LocalTrainConfig.from_config(cfg), seed=derive_seed(0, pid, 1))
         client_seconds += time.perf_counter() - t
         content = RecordDict({records.ARRAYS: records.to_record(model),
                               records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(x), records.TRAIN_LOSS: loss}),

@@ -15,6 +15,7 @@ best and mean client accuracy over seeds (mean ± sample std).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -38,12 +39,8 @@ def solo(sim: Path, seed: int, sets: list[str]) -> list[tuple[int, str, float]]:
     archs = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))
     groups = list(dict.fromkeys([*archs, global_architecture(cfg)]))
     rounds = cfg.int("rounds")
-    steps, epochs = cfg.int("clients.local-steps"), cfg.int("clients.local-epochs")
-    local = LocalTrainConfig(
-        epochs=epochs * rounds, steps=steps * rounds, batch_size=cfg.int("clients.batch-size"),
-        lr=cfg.float("clients.lr"), momentum=cfg.float("clients.momentum"),
-        weight_decay=cfg.float("clients.weight-decay"),
-    )  # fmt: skip
+    per_round = LocalTrainConfig.from_config(cfg)
+    local = dataclasses.replace(per_round, epochs=per_round.epochs * rounds, steps=per_round.steps * rounds)
     out = []
     for pid, arch in enumerate(archs):
         model = initial_models(cfg, ds, groups)[arch]  # the run's initialisation of this group

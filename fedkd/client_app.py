@@ -156,33 +156,26 @@ def train(msg: Message, context: Context) -> Message:
     cfg, pid = _setup(msg, context)
     conf = msg.content.config_records[records.CONFIG]
     server_round = int(conf.get("server-round", 0))  # type: ignore[arg-type]
-    fault = F.draw(F.Faults.from_config(cfg), cfg.int("seed"), pid, server_round, cfg.int("clients.num"))
+    faults = F.Faults.from_config(cfg)
+    fault = F.draw(faults, cfg.int("seed"), pid, server_round, cfg.int("clients.num"))
     if fault.crash:
         raise RuntimeError(f"simulated crash of partition {pid} in round {server_round} (faults.crash-rate)")
     x, y, counts = client_partition(cfg, pid)
     model = client_model(cfg, pid)
     records.load_record(model, msg.content.array_records[records.ARRAYS])
     malicious = fault.malicious
-    if malicious and cfg.bool("faults.label-flip"):
+    if malicious and faults.label_flip:
         y = F.flip_labels(y, model.num_classes)
     start = {k: v.clone() for k, v in model.state_dict().items()} if malicious else {}
-    local = LocalTrainConfig(
-        epochs=cfg.int("clients.local-epochs"),
-        steps=cfg.int("clients.local-steps"),
-        batch_size=cfg.int("clients.batch-size"),
-        lr=cfg.float("clients.lr"),
-        momentum=cfg.float("clients.momentum"),
-        weight_decay=cfg.float("clients.weight-decay"),
-        proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-    )
+    local = LocalTrainConfig.from_config(cfg, proximal_mu=float(conf.get("proximal-mu", 0.0)))  # type: ignore[arg-type]
     seed = derive_seed(cfg.int("seed"), pid, server_round)
     loss = train_local(model, x, y, local, seed=seed, regularizer=fedgen_regularizer(msg, model, seed))
-    if malicious and cfg.float("faults.scale-attack") != 1.0:
-        F.scale_update(model, start, cfg.float("faults.scale-attack"))
+    if malicious and faults.scale_attack != 1.0:
+        F.scale_update(model, start, faults.scale_attack)
     if fault.nan:
         F.poison_nan(model)
     if fault.straggle:
-        time.sleep(cfg.float("faults.straggler-delay"))
+        time.sleep(faults.straggler_delay)
     content = RecordDict(
         {
             records.ARRAYS: records.to_record(model),

@@ -6,7 +6,7 @@ No Flower here: the ClientApp, the tests and the benchmarks call these directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,6 +44,19 @@ class LocalTrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Any, proximal_mu: float = 0.0) -> LocalTrainConfig:
+        """The ``clients.*`` keys of a run's config (FedProx's μ comes from the strategy)."""
+        return cls(
+            epochs=cfg.int("clients.local-epochs"),
+            steps=cfg.int("clients.local-steps"),
+            batch_size=cfg.int("clients.batch-size"),
+            lr=cfg.float("clients.lr"),
+            momentum=cfg.float("clients.momentum"),
+            weight_decay=cfg.float("clients.weight-decay"),
+            proximal_mu=proximal_mu,
+        )
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, steps: int = 0, epochs: int = 1) -> list[Tensor]:
