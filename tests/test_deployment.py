@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_flwr_run import _pids_using
+from tests.test_flwr_run import _kill_all_using, _pids_using
 
 BIN = Path(sys.executable).parent
 CONNECTION = "fedkd-deploy"
@@ -271,14 +271,7 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path, mode):
                 pass
         for p in procs:
             p.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while (left := {q for m in markers for q in _pids_using(m)}) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
+        _kill_all_using(*markers)
     assert not any(_pids_using(m) for m in markers)
     assert all(p.returncode is not None for p in procs)
     assert time.monotonic() - t0 < 300

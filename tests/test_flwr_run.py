@@ -27,6 +27,19 @@ def _pids_using(marker: str) -> list[int]:
     return pids
 
 
+def _kill_all_using(*markers: str, timeout: float = 15.0) -> None:
+    """SIGKILL every process that mentions a marker, again and again until none is left or
+    ``timeout`` passes: a process being killed may still spawn a child, or not be gone yet."""
+    deadline = time.monotonic() + timeout
+    while (left := {q for m in markers for q in _pids_using(m)}) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_flwr_run_local_superlink(tmp_path):
     home = tmp_path / "flwr-home"
@@ -58,9 +71,5 @@ def test_flwr_run_local_superlink(tmp_path):
         assert "clients.architectures" not in (out / "config.toml").read_text()  # nested, not dotted
         assert 'architectures = "mlp"' in (out / "config.toml").read_text()
     finally:
-        for pid in _pids_using(str(home)):  # the detached SuperLink and its children
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all_using(str(home))  # the detached SuperLink and its children
     assert not _pids_using(str(home))
