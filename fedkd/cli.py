@@ -162,7 +162,7 @@ def resumable_run(args: argparse.Namespace) -> tuple[Any, Path]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedkd.compare import run_suite
+    from fedkd.compare import resolve_baseline, run_suite
     from fedkd.config import load_config
     from fedkd.engines import default_out
     from fedkd.results import create_run_dir
@@ -176,6 +176,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     names = [s.stem for s in sims]
     if len(set(names)) != len(names):
         raise UserError(f"two sims share a file name: {', '.join(names)}")
+    baseline = resolve_baseline(args.baseline, sims) if args.baseline is not None else None
+    if baseline is not None and len(sims) < 2:
+        raise UserError("--baseline needs at least one other sim to compare against it")
     if args.resume and not args.out:
         raise UserError("compare --resume needs --out DIR (the suite to continue)")
     if args.resume and not Path(args.out).is_dir():
@@ -190,7 +193,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         out = create_run_dir(args.out or default_out(Path("compare")))
     command = "fedkd compare " + " ".join(str(s) for s in args.sims) + f" --seeds {args.seeds}"
+    command += f" --seed {args.seed}" if args.seed is not None else ""
     command += "".join(f" --set {s}" for s in args.set or []) + (f" --engine {args.engine}" if args.engine else "")
+    command += f" --baseline {args.baseline}" if args.baseline is not None else ""
     print(f"fedkd compare: {len(sims)} sims × {len(seeds)} seeds -> {out}", flush=True)
 
     def made(sim: Path) -> Any:
@@ -203,9 +208,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = run_suite(sims, [made(s) for s in sims], seeds, out, command,
                      lambda cfg, d, sim: prepare_run(cfg, d, sim, preflight=False), done,
                      (lambda total: round_printer(total)) if args.verbose_rounds else None,
-                     resume=args.resume)  # fmt: skip
+                     resume=args.resume, baseline=baseline)  # fmt: skip
     print((out / "comparison.md").read_text(), end="")
-    print(f"table: {out / 'comparison.md'} and {out / 'comparison.csv'}; plot: {out / 'comparison.png'}")
+    tables = [out / "comparison.md", out / "comparison.csv"] + ([out / "comparison_paired.csv"] if baseline else [])
+    print(f"table: {', '.join(map(str, tables[:-1]))} and {tables[-1]}; plot: {out / 'comparison.png'}")
     return EXIT_OK if rows else EXIT_FAILURE
 
 
@@ -290,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue the suite in --out: reuse finished runs, resume unfinished ones")  # fmt: skip
     c.add_argument("--rounds-log", dest="verbose_rounds", action="store_true", help="print one line per round too")
+    c.add_argument("--baseline", metavar="SIM",
+                   help="also tabulate every other sim's paired per-seed difference against SIM (stem or path), "
+                        "with 95%% t confidence intervals")  # fmt: skip
     c.set_defaults(func=cmd_compare)
 
     li = sub.add_parser("list", help="list registered plug-ins")

@@ -4,7 +4,9 @@ Seed ``s`` of every sim uses the same master seed, hence the same partition, the
 initialisation and the same client sampling wherever the sims agree on those settings, so
 the comparison is paired. Each run is an ordinary run directory under
 ``OUT/<sim-stem>/seed<s>``; the suite writes ``OUT/comparison.md``, ``OUT/comparison.csv``
-and ``OUT/comparison.png``.
+and ``OUT/comparison.png``. With a baseline sim, ``OUT/comparison.md`` also holds the paired
+per-seed differences of every other sim against it (:func:`paired_differences`), and
+``OUT/comparison_paired.csv`` the same numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +24,30 @@ import numpy as np
 
 from fedkd.config import Config
 from fedkd.errors import UserError
-from fedkd.results import CONFIG, SUMMARY
+from fedkd.results import CONFIG, SUMMARY, last_mean, top_mean
 
 log = logging.getLogger(__name__)
 
 COLUMNS = [
     ("final_accuracy", "final acc"),
     ("best_accuracy", "best acc"),
+    ("top5_accuracy", "top-5 mean"),
+    ("last5_accuracy", "last-5 mean"),
     ("mean_accuracy", "μ over rounds"),
     ("var_accuracy", "σ² over rounds"),
     ("wall_seconds", "wall s"),
     ("bytes_up", "MB up"),
     ("bytes_down", "MB down"),
 ]
+
+# accuracies compared seed by seed against a baseline sim, in percentage points
+PAIRED = [
+    ("final_accuracy", "final"),
+    ("best_accuracy", "best"),
+    ("top5_accuracy", "top-5 mean"),
+    ("last5_accuracy", "last-5 mean"),
+]
+PAIRED_SUFFIXES = ("diff", "diff_std", "ci_low", "ci_high", "significant")
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:
@@ -90,6 +104,171 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def with_curve_metrics(summary: Mapping[str, Any], curve: Sequence[float | None]) -> dict[str, Any]:
+    """``summary`` with the metrics of older summaries that lack them computed from ``curve``.
+
+    A run that ``compare --resume`` reuses may predate ``top5_accuracy`` and
+    ``last5_accuracy`` in ``summary.json``; they come from its per-round accuracies as
+    :meth:`fedkd.results.RunRecorder.finish` computes them. Keys already present are kept.
+
+    Parameters
+    ----------
+    summary : mapping
+        The run's ``summary.json``.
+    curve : sequence of float or None
+        The global accuracy of every round (``metrics.jsonl``); None for a round without one.
+
+    Returns
+    -------
+    dict
+        A copy of ``summary`` holding both keys.
+    """
+    out = dict(summary)
+    accs = [float(a) for a in curve if a is not None]
+    out.setdefault("top5_accuracy", top_mean(accs))
+    out.setdefault("last5_accuracy", last_mean(accs))
+    return out
+
+
+def paired_stats(diffs: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean, sample std and Student's t confidence interval of paired differences.
+
+    The interval is ``mean ± t.ppf((1 + confidence) / 2, n - 1) * std / sqrt(n)``.
+
+    Parameters
+    ----------
+    diffs : sequence of float
+        One difference per seed.
+    confidence : float, default 0.95
+        Coverage of the interval.
+
+    Returns
+    -------
+    tuple of float
+        ``(mean, std, ci_low, ci_high)``. With one difference the std and the interval are
+        undefined (NaN); with none, or a NaN among them, everything is NaN.
+    """
+    from scipy import stats
+
+    a = np.asarray(diffs, dtype=float)
+    nan = float("nan")
+    if a.size == 0 or not np.isfinite(a).all():
+        return nan, nan, nan, nan
+    mean = float(a.mean())
+    if a.size < 2:
+        return mean, nan, nan, nan
+    std = float(a.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, a.size - 1)) * std / math.sqrt(a.size)
+    return mean, std, mean - half, mean + half
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """Whether the interval ``[low, high]`` excludes 0 (an undefined interval does not)."""
+    return bool(low > 0 or high < 0)
+
+
+def _pp(v: Any) -> float:
+    return float("nan") if v is None else float(v) * 100
+
+
+def paired_differences(
+    results: Mapping[str, Mapping[int, Mapping[str, Any]]], baseline: str, confidence: float = 0.95
+) -> list[dict[str, Any]]:
+    """Per-seed differences of every sim against ``baseline``, for each metric of :data:`PAIRED`.
+
+    Parameters
+    ----------
+    results : mapping
+        ``results[sim][seed]`` is that run's summary (accuracies as fractions).
+    baseline : str
+        The sim the others are compared against.
+    confidence : float, default 0.95
+        Coverage of the confidence intervals (see :func:`paired_stats`).
+
+    Returns
+    -------
+    list of dict
+        One row per sim other than ``baseline``, in the order of ``results``: ``sim``,
+        ``baseline``, ``seeds`` and, for every metric, ``<metric>_diff`` (mean of
+        sim − baseline over seeds, in percentage points), ``<metric>_diff_std`` (sample std),
+        ``<metric>_ci_low``, ``<metric>_ci_high`` and ``<metric>_significant`` (the interval
+        excludes 0).
+
+    Raises
+    ------
+    ValueError
+        If ``baseline`` is not in ``results``, or a sim was not run on the baseline's seeds.
+    """
+    if baseline not in results:
+        raise ValueError(f"baseline {baseline!r} is not among the sims: {', '.join(results)}")
+    base = results[baseline]
+    seeds = sorted(base)
+    rows = []
+    for name, runs in results.items():
+        if name == baseline:
+            continue
+        if sorted(runs) != seeds:
+            raise ValueError(
+                f"{name} ran seeds {sorted(runs)}, the baseline {baseline} seeds {seeds}; cannot pair them"
+            )
+        row: dict[str, Any] = {"sim": name, "baseline": baseline, "seeds": len(seeds)}
+        for key, _ in PAIRED:
+            diffs = [_pp(runs[s].get(key)) - _pp(base[s].get(key)) for s in seeds]
+            mean, std, low, high = paired_stats(diffs, confidence)
+            values = (mean, std, low, high, excludes_zero(low, high))
+            row.update({f"{key}_{suffix}": v for suffix, v in zip(PAIRED_SUFFIXES, values, strict=True)})
+        rows.append(row)
+    return rows
+
+
+def _paired_cell(row: Mapping[str, Any], key: str) -> str:
+    mean, low, high = row[f"{key}_diff"], row[f"{key}_ci_low"], row[f"{key}_ci_high"]
+    if math.isnan(mean):
+        return "n/a"
+    if math.isnan(low):
+        return f"{mean:+.2f} [n/a]"
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]" + ("*" if row[f"{key}_significant"] else "")
+
+
+def paired_to_markdown(rows: list[dict[str, Any]], baseline: str) -> str:
+    """The table of :func:`paired_differences`' rows."""
+    lines = [
+        f"Paired differences vs {baseline}: sim − {baseline} on the same seed, in percentage points;",
+        "mean over seeds [95% confidence interval, Student's t with n − 1 degrees of freedom; n/a with",
+        "one seed]; * marks an interval that excludes 0.",
+        "",
+        "| sim | seeds | " + " | ".join(label for _, label in PAIRED) + " |",
+        "|---|---|" + "---|" * len(PAIRED),
+    ]
+    for r in rows:
+        lines.append(f"| {r['sim']} | {r['seeds']} | " + " | ".join(_paired_cell(r, k) for k, _ in PAIRED) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_to_csv(rows: list[dict[str, Any]]) -> str:
+    """:func:`paired_differences`' rows as CSV (undefined numbers as ``nan``)."""
+    buf = io.StringIO()
+    fields = ["sim", "baseline", "seeds"] + [f"{k}_{suffix}" for k, _ in PAIRED for suffix in PAIRED_SUFFIXES]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def resolve_baseline(value: str, sims: Sequence[Path]) -> str:
+    """The stem of the sim ``value`` names: its stem, or its path (as given or resolved).
+
+    Raises
+    ------
+    UserError
+        If ``value`` names none of ``sims``.
+    """
+    for sim in sims:
+        if value in (sim.stem, str(sim)) or Path(value).resolve() == sim.resolve():
+            return sim.stem
+    raise UserError(f"--baseline {value!r} is not one of the sims ({', '.join(p.stem for p in sims)})")
+
+
 def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str = "") -> None:
     """Mean global accuracy per round with a ±1 std band, one line per sim."""
     from fedkd.results import _pyplot, save_axes
@@ -139,20 +318,26 @@ def run_suite(
     on_run: Callable[[str, int, dict[str, Any]], None] | None = None,
     on_round: Callable[[int], Callable[[dict[str, Any]], None] | None] | None = None,
     resume: bool = False,
+    baseline: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every sim for every seed, then write the table and the plot into ``out``.
 
     ``configs[i](seed)`` resolves sim ``i`` for a seed; ``prepare(cfg, run_dir, sim)``
     checks it and creates its run directory. With ``resume``, a run directory that already
     holds a finished run of the same resolved config is reused as it is, and an unfinished
-    one continues from its last checkpoint (see :func:`reusable`).
+    one continues from its last checkpoint (see :func:`reusable`). With ``baseline`` (a sim's
+    stem), ``comparison.md`` also gets the paired differences of the other sims against it
+    and ``comparison_paired.csv`` is written (see :func:`paired_differences`).
     """
     from fedkd.engines import execute
 
     names = [p.stem for p in sims]
     if len(set(names)) != len(names):
         raise UserError(f"two sims share a file name: {', '.join(names)}")
+    if baseline is not None and baseline not in names:
+        raise UserError(f"--baseline {baseline!r} is not one of the sims ({', '.join(names)})")
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    by_seed: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
     curves: dict[str, list[list[float]]] = {n: [] for n in names}
     # resolve and check every (sim, seed) before the first run starts
     plan = [
@@ -171,13 +356,22 @@ def run_suite(
             summary = execute(cfg, run_dir, on_round(cfg.int("rounds")) if on_round else None, resume=state == "resume")
         if not summary:
             raise RuntimeError(f"run {name} seed {seed} did not finish; see {run_dir}")
-        results[name].append(summary)
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        curves[name].append([m["accuracy"] for m in metrics])
+        curves[name].append([m.get("accuracy") for m in metrics])
+        summary = with_curve_metrics(summary, curves[name][-1])  # a reused older summary may lack some
+        results[name].append(summary)
+        by_seed[name][seed] = summary
         if on_run:
             on_run(name, seed, summary)
     rows = summarize(results)
-    (out / "comparison.md").write_text(to_markdown(rows, command), encoding="utf-8")
+    table = to_markdown(rows, command)
+    if baseline is not None:
+        paired = paired_differences(by_seed, baseline)
+        table += "\n" + paired_to_markdown(paired, baseline)
+        (out / "comparison_paired.csv").write_text(paired_to_csv(paired), encoding="utf-8")
+    else:  # a resumed suite's earlier --baseline table would no longer match comparison.md
+        (out / "comparison_paired.csv").unlink(missing_ok=True)
+    (out / "comparison.md").write_text(table, encoding="utf-8")
     (out / "comparison.csv").write_text(to_csv(rows), encoding="utf-8")
     plot_curves(curves, out / "comparison.png", title=out.name)
     return rows

@@ -59,6 +59,46 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def top_mean(accuracies: Sequence[float], k: int = 5) -> float | None:
+    """Mean of the ``k`` highest round accuracies (FedGen's metric, per seed).
+
+    Parameters
+    ----------
+    accuracies : sequence of float
+        One accuracy per round, in round order; rounds without an accuracy are left out.
+    k : int, default 5
+        How many of the highest rounds to average; with fewer rounds, all of them.
+
+    Returns
+    -------
+    float or None
+        The mean, or None for an empty sequence.
+    """
+    if not accuracies:
+        return None
+    return float(np.mean(sorted(accuracies, reverse=True)[:k]))
+
+
+def last_mean(accuracies: Sequence[float], k: int = 5) -> float | None:
+    """Mean of the last ``k`` round accuracies.
+
+    Parameters
+    ----------
+    accuracies : sequence of float
+        One accuracy per round, in round order; rounds without an accuracy are left out.
+    k : int, default 5
+        How many of the last rounds to average; with fewer rounds, all of them.
+
+    Returns
+    -------
+    float or None
+        The mean, or None for an empty sequence.
+    """
+    if not accuracies:
+        return None
+    return float(np.mean(accuracies[-k:]))
+
+
 class RunRecorder:
     """Append per-round rows and write the summary; ``run_dir=None`` records in memory only."""
 
@@ -95,6 +135,8 @@ class RunRecorder:
             "rounds": len(self.rows),
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
+            "top5_accuracy": top_mean(accs),
+            "last5_accuracy": last_mean(accs),
             "mean_accuracy": float(np.mean(accs)) if accs else None,
             "var_accuracy": float(np.var(accs)) if accs else None,
             "bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),

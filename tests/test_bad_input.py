@@ -258,6 +258,9 @@ ROWS = [
                  id="out-compare-second-sim-preflight"),
     pytest.param(["compare", "{sim}", "{ws}/sims/tiny.toml", "--seeds", "1", *NEW], "two sims share a file name",
                  id="out-compare-same-stem"),
+    # checked before any preflight: the second sim's bad dataset root is never reached
+    pytest.param(["compare", "{sim}", "{ws}/sims/bad-root.toml", "--seeds", "1", "--baseline", "other", *NEW],
+                 "--baseline 'other' is not one of the sims (tiny, bad-root)", id="compare-unknown-baseline"),
 ]  # fmt: skip
 
 # Rows that also go through the installed console script (no traceback, exit 2, one line).
