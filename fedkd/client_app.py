@@ -120,6 +120,7 @@ def fedgen_regularizer(msg: Message, model: FedkdModel, seed: int) -> FedGenRegu
     gen = build_generator(
         "feature", (model.feature_dim,), model.num_classes,
         latent_dim=int(conf["fedgen.latent-dim"]), hidden_dim=int(conf["fedgen.hidden-dim"]),  # type: ignore[arg-type]
+        activation=str(conf.get("fedgen.activation", "relu")),
     )  # fmt: skip
     records.load_record(gen, rec)
     prior = torch.as_tensor(conf["fedgen.label-prior"], dtype=torch.float64)  # type: ignore[arg-type]

@@ -121,7 +121,10 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("distill.lra-order", "second-order", "LRA meta-gradient: through θ' (second-order) or taken at θ' (first-order).",
         choices=("second-order", "first-order")),  # fmt: skip
     Key("distill.lra-alpha", 0.9, "LRA acquisition step size α.", check=_pos, requirement="> 0"),
-    Key("distill.loss", "l1", "KD loss of the student: l1 (logits), kl (·T²) or js.", choices=("l1", "kl", "js")),
+    Key("distill.loss", "l1", "KD loss of the student: l1 (logits), kl (·T²), ce (soft-target cross-entropy, ·T²) or js.",
+        choices=("l1", "kl", "ce", "js")),  # fmt: skip
+    Key("distill.loss-reduction", "auto", "Reduction of the KD loss: batchmean (sum over classes, mean over the batch), mean (over batch × classes: batchmean / C) or auto (l1: mean; kl, ce, js: batchmean).",
+        choices=("auto", "batchmean", "mean")),  # fmt: skip
     Key("distill.temperature", 1.0, "Temperature of the kl / js KD loss.", check=_pos, requirement="> 0"),
     Key("distill.steps", 5, "Student steps per generator step (k).", check=_pos, requirement="≥ 1"),
     Key("distill.lr", 0.01, "SGD learning rate of the student.", check=_pos, requirement="> 0"),

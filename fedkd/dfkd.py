@@ -139,7 +139,8 @@ def prepare(cfg: Config) -> DFKDPlan:
         memory = MemoryBuffer(
             capacity, cfg.int("distill.memory-push-every"), cfg.float("distill.replay-fraction"), _seed(cfg, _MEMORY)
         )
-    updater = StudentUpdater(rule, kd_loss(cfg.str("distill.loss"), cfg.float("distill.temperature")), memory)
+    loss = kd_loss(cfg.str("distill.loss"), cfg.float("distill.temperature"), cfg.str("distill.loss-reduction"))
+    updater = StudentUpdater(rule, loss, memory)
 
     checkpoint = None
     if cfg.str("dfkd.teacher-checkpoint"):

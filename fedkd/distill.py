@@ -71,8 +71,9 @@ def kd_l1(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
     return F.l1_loss(student, teacher)
 
 
-def js_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
-    """Jensen–Shannon divergence of ``softmax(s/T)`` and ``softmax(t/T)`` in nats, batch mean.
+def js_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0, reduction: str = "mean") -> Tensor:
+    """Jensen–Shannon divergence of ``softmax(s/T)`` and ``softmax(t/T)`` in nats, batch mean
+    (``reduction="none"``: one value per sample).
 
     ``JS = ½ KL(p ‖ m) + ½ KL(q ‖ m)`` with ``m = (p + q) / 2``; it lies in ``[0, ln 2]``.
     """
@@ -81,23 +82,54 @@ def js_divergence(student: Tensor, teacher: Tensor, temperature: float = 1.0) ->
     lm = torch.logsumexp(torch.stack([lp, lq]), 0) - math.log(2.0)
     kl_pm = (lp.exp() * (lp - lm)).sum(1)
     kl_qm = (lq.exp() * (lq - lm)).sum(1)
-    return (0.5 * (kl_pm + kl_qm)).mean()
+    per = 0.5 * (kl_pm + kl_qm)
+    return per if reduction == "none" else per.mean()
+
+
+def kd_ce(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Soft-target cross-entropy ``−T² Σ_c softmax(t/T)_c log softmax(s/T)_c``, batch mean.
+
+    Its gradient in the student equals :func:`kd_kl`'s (they differ by the teacher's
+    entropy); FedFTG's official loss is this one reduced over batch × classes, i.e. ``/ C``.
+    """
+    t = temperature
+    return -(F.softmax(teacher / t, 1) * F.log_softmax(student / t, 1)).sum(1).mean() * (t * t)
 
 
 KD_LOSSES: Registry[Callable[[Tensor, Tensor, float], Tensor]] = Registry("KD loss")
 KD_LOSSES.add("kl", kd_kl)
+KD_LOSSES.add("ce", kd_ce)
 KD_LOSSES.add("l1", kd_l1)
 KD_LOSSES.add("js", js_divergence)
 
+#: How a KD loss is reduced: ``batchmean`` sums over classes and averages over the batch;
+#: ``mean`` averages over batch × classes (torch's default ``reduction="mean"``, i.e.
+#: ``batchmean / C``); ``auto`` keeps each loss's own (``l1``: mean, the others: batchmean).
+REDUCTIONS: tuple[str, ...] = ("auto", "batchmean", "mean")
+_NATIVE = {"l1": "mean"}
 
-def kd_loss(name: str, temperature: float = 1.0) -> LossFn:
-    """The registered KD loss ``name`` as a two-argument function ``(student, teacher)``."""
+
+def kd_loss(name: str, temperature: float = 1.0, reduction: str = "auto") -> LossFn:
+    """The registered KD loss ``name`` as a two-argument function ``(student, teacher)``.
+
+    ``reduction`` (see :data:`REDUCTIONS`) rescales the loss by the number of classes when it
+    differs from the loss's own reduction, so that a recipe's "mean over batch × classes"
+    (a 1/C smaller step) is reproduced exactly.
+    """
     fn = KD_LOSSES.get(name)
     if temperature <= 0:
         raise ConfigError(f"KD temperature must be > 0, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"KD loss reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    native = _NATIVE.get(name, "batchmean")
+    want = native if reduction == "auto" else reduction
 
     def loss(student: Tensor, teacher: Tensor) -> Tensor:
-        return fn(student, teacher, temperature)
+        value = fn(student, teacher, temperature)
+        if want == native:
+            return value
+        classes = student.shape[1]
+        return value / classes if want == "mean" else value * classes
 
     loss.__name__ = f"kd_{name}"
     return loss
@@ -165,6 +197,15 @@ class EnsembleTeacher(nn.Module):
             y = logits.mean(0).argmax(1)
         return self.class_weights[:, y].T.to(logits.dtype)
 
+    def sample_weights(self, batch: int, y: Tensor | None, device: torch.device) -> Tensor:
+        """Weights ``(B, K)`` of the members for samples of labels ``y``, without running them:
+        class shares ``w[k, y_b]`` for a class-level ensemble, else (or when ``y`` is ``None``)
+        ``1/K``. Each row sums to 1."""
+        k = len(self.members)
+        if self.class_weights is None or y is None:
+            return torch.full((batch, k), 1.0 / k, device=device)
+        return self.class_weights[:, y].T.to(device)
+
     def _combine(self, logits: Tensor, y: Tensor | None) -> Tensor:
         w = self.member_weights(logits.shape[1], y, logits)  # logits: (K, B, C)
         if self.average == "logits":
@@ -211,20 +252,25 @@ def teacher_logits(teacher: nn.Module, x: Tensor, y: Tensor | None = None) -> Te
 
 
 class MemoryBuffer:
-    """A FIFO memory of past pseudo-samples (MB-DFKD, LRA).
+    """A FIFO memory of past pseudo-samples (MB-DFKD, LRA), optionally with the targets the
+    teacher of their time gave them.
 
     Every ``push_every``-th call of :meth:`observe` stores ``⌈fraction · B⌉`` random
-    samples of the observed batch; :meth:`sample` replays ``⌈fraction · B⌉`` stored samples
+    samples of the observed batch (``push_every = 0``: only explicit :meth:`push` calls,
+    e.g. once per federated round); :meth:`sample` replays ``⌈fraction · B⌉`` stored samples
     for a new batch of ``B``. The oldest samples leave first once ``capacity`` is reached.
     LRA's code keeps 10 batches of ``bs/8``, pushing every 5 epochs: ``capacity = 10·bs/8``,
     ``fraction = 1/8``.
+
+    Each stored sample keeps its label (or none), its teacher ``targets`` (logits, when
+    pushed with them) and a ``tag`` (e.g. the round it was pushed in).
 
     Parameters
     ----------
     capacity : int
         Maximum number of stored samples (≥ 1).
     push_every : int
-        Observed batches between two pushes (≥ 1).
+        Observed batches between two pushes (≥ 1); 0 disables pushes by :meth:`observe`.
     fraction : float
         Fraction of a batch pushed, and replayed per step, in ``(0, 1]``.
     seed : int
@@ -234,8 +280,8 @@ class MemoryBuffer:
     def __init__(self, capacity: int, push_every: int = 1, fraction: float = 0.125, seed: int = 0) -> None:
         if capacity < 1:
             raise ConfigError(f"memory capacity must be ≥ 1, got {capacity}")
-        if push_every < 1:
-            raise ConfigError(f"memory push period must be ≥ 1, got {push_every}")
+        if push_every < 0:
+            raise ConfigError(f"memory push period must be ≥ 0, got {push_every}")
         if not 0 < fraction <= 1:
             raise ConfigError(f"memory replay fraction must be in (0, 1], got {fraction}")
         self.capacity = capacity
@@ -244,17 +290,26 @@ class MemoryBuffer:
         self._rng = torch.Generator().manual_seed(seed)
         self._x: Tensor | None = None
         self._y: Tensor | None = None
+        self._t: Tensor | None = None
+        self._tag: Tensor | None = None
         self._seen = 0
 
     def __len__(self) -> int:
         return 0 if self._x is None else len(self._x)
 
+    @property
+    def tags(self) -> Tensor:
+        """The tag of every stored sample, oldest first (empty while the memory is)."""
+        return torch.zeros(0, dtype=torch.long) if self._tag is None else self._tag.clone()
+
     def state_dict(self) -> dict[str, Any]:
-        """Stored samples, push counter and random stream (for checkpoints)."""
-        return {"x": self._x, "y": self._y, "seen": self._seen, "rng": self._rng.get_state()}
+        """Stored samples, targets, tags, push counter and random stream (for checkpoints)."""
+        return {"x": self._x, "y": self._y, "t": self._t, "tag": self._tag, "seen": self._seen,
+                "rng": self._rng.get_state()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._x, self._y, self._seen = state["x"], state["y"], int(state["seen"])
+        self._t, self._tag = state.get("t"), state.get("tag")
         self._rng.set_state(state["rng"])
 
     def chunk(self, batch_size: int) -> int:
@@ -264,31 +319,46 @@ class MemoryBuffer:
     def _pick(self, n: int, k: int) -> Tensor:
         return torch.randperm(n, generator=self._rng)[:k]
 
-    def push(self, x: Tensor, y: Tensor | None = None) -> None:
-        """Store ``x`` (and labels ``y``), detached, evicting the oldest beyond capacity."""
-        if self._x is not None and (self._y is None) != (y is None):
-            raise ValueError("a memory buffer holds either labelled or unlabelled samples, not both")
-        x = x.detach() if self._x is None else torch.cat([self._x, x.detach()])
-        self._x = x[-self.capacity :]
-        if y is not None:
-            y = y.detach() if self._y is None else torch.cat([self._y, y.detach()])
-            self._y = y[-self.capacity :]
+    def push(self, x: Tensor, y: Tensor | None = None, targets: Tensor | None = None, tag: int = 0) -> None:
+        """Store ``x`` (with labels ``y`` and teacher ``targets``, if given), detached, evicting
+        the oldest beyond capacity. A memory holds labels (targets) for all samples or none."""
+        if self._x is not None:
+            if (self._y is None) != (y is None):
+                raise ValueError("a memory buffer holds either labelled or unlabelled samples, not both")
+            if (self._t is None) != (targets is None):
+                raise ValueError("a memory buffer holds targets for all its samples or for none")
+        tags = torch.full((len(x),), int(tag), dtype=torch.long)
+        self._x = self._keep(self._x, x)
+        self._y = None if y is None else self._keep(self._y, y)
+        self._t = None if targets is None else self._keep(self._t, targets)
+        self._tag = self._keep(self._tag, tags)
 
-    def observe(self, x: Tensor, y: Tensor | None = None) -> bool:
+    def _keep(self, old: Tensor | None, new: Tensor) -> Tensor:
+        both = new.detach() if old is None else torch.cat([old, new.detach().to(old.device)])
+        return both[-self.capacity :]
+
+    def observe(self, x: Tensor, y: Tensor | None = None, targets: Tensor | None = None, tag: int = 0) -> bool:
         """Count a batch; on every ``push_every``-th one push a random chunk. Returns whether it pushed."""
         self._seen += 1
-        if self._seen % self.push_every:
+        if self.push_every == 0 or self._seen % self.push_every:
             return False
         idx = self._pick(len(x), self.chunk(len(x))).to(x.device)
-        self.push(x[idx], None if y is None else y[idx])
+        self.push(x[idx], None if y is None else y[idx], None if targets is None else targets[idx], tag)
         return True
 
     def sample(self, batch_size: int) -> tuple[Tensor, Tensor | None] | None:
-        """A replay batch for a new batch of ``batch_size`` (``None`` while empty)."""
+        """A replay batch ``(x, y)`` for a new batch of ``batch_size`` (``None`` while empty)."""
+        out = self.sample_with_targets(batch_size)
+        return None if out is None else (out[0], out[1])
+
+    def sample_with_targets(self, batch_size: int) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """``(x, y, targets)`` to replay for a new batch of ``batch_size`` (``None`` while empty);
+        ``targets`` is ``None`` when the samples were pushed without them."""
         if self._x is None:
             return None
         idx = self._pick(len(self._x), min(self.chunk(batch_size), len(self._x))).to(self._x.device)
-        return self._x[idx], None if self._y is None else self._y[idx]
+        y = None if self._y is None else self._y[idx]
+        return self._x[idx], y, None if self._t is None else self._t[idx]
 
 
 # --------------------------------------------------------------------------- update rules
@@ -476,23 +546,42 @@ class StudentUpdater:
         stats = updater.run(global_model, teacher, optimizer, synthesizer.source(), steps=5)
     """
 
-    def __init__(self, rule: UpdateRule, loss_fn: LossFn, memory: MemoryBuffer | None = None) -> None:
+    def __init__(
+        self, rule: UpdateRule, loss_fn: LossFn, memory: MemoryBuffer | None = None, stored_targets: bool = False
+    ) -> None:
         if rule.uses_memory and memory is None:
             raise ConfigError(f"update rule {type(rule).__name__} needs a memory buffer (capacity ≥ 1)")
         self.rule = rule
         self.loss_fn = loss_fn
         self.memory = memory if rule.uses_memory else None
+        self.stored_targets = stored_targets
+        #: a tag for the samples this updater pushes to the memory (e.g. the current round)
+        self.tag = 0
+
+    def batches(self, teacher: nn.Module, x: Tensor, y: Tensor | None = None) -> tuple[Batch, Batch | None]:
+        """The fresh batch with the teacher's logits, and a replayed memory batch (or ``None``).
+
+        Replayed samples keep the targets stored with them when ``stored_targets`` is set
+        (what the teacher of their time taught); otherwise the current teacher relabels them.
+        """
+        with torch.no_grad():
+            new = Batch(x, teacher_logits(teacher, x, y))
+            replay = self.memory.sample_with_targets(len(x)) if self.memory is not None else None
+            if replay is None:
+                return new, None
+            mx, my, mt = replay
+            if not self.stored_targets or mt is None:
+                mt = teacher_logits(teacher, mx, my)
+            return new, Batch(mx, mt)
 
     def gradients(
         self, student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor | None = None
     ) -> tuple[list[Tensor], dict[str, float]]:
         """Gradients of one step for the student's trainable parameters (nothing is changed)."""
-        with torch.no_grad():
-            new = Batch(x, teacher_logits(teacher, x, y))
-            mem = None
-            replay = self.memory.sample(len(x)) if self.memory is not None else None
-            if replay is not None:
-                mem = Batch(replay[0], teacher_logits(teacher, replay[0], replay[1]))
+        new, mem = self.batches(teacher, x, y)
+        return self._gradients(student, new, mem)
+
+    def _gradients(self, student: nn.Module, new: Batch, mem: Batch | None) -> tuple[list[Tensor], dict[str, float]]:
         params: Params = {n: p for n, p in student.named_parameters() if p.requires_grad}
         return self.rule.gradients(student, params, self.loss_fn, new, mem)
 
@@ -507,17 +596,18 @@ class StudentUpdater:
         """One step on the fresh batch ``x`` (labels ``y`` optional); returns its statistics.
 
         The teacher runs under ``no_grad``; the student is updated by ``optimizer`` and its
-        mode (train/eval) is left as the caller set it. The batch is then offered to the
-        memory.
+        mode (train/eval) is left as the caller set it. The batch (with its teacher logits)
+        is then offered to the memory.
         """
-        grads, stats = self.gradients(student, teacher, x, y)
+        new, mem = self.batches(teacher, x, y)
+        grads, stats = self._gradients(student, new, mem)
         params = [p for p in student.parameters() if p.requires_grad]
         for p, g in zip(params, grads, strict=True):
             p.grad = g.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if self.memory is not None:
-            self.memory.observe(x, y)
+            self.memory.observe(x, y, new.target if self.stored_targets else None, self.tag)
         return stats
 
     def run(

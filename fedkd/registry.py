@@ -97,6 +97,10 @@ def configurable_params(factory: Callable[..., Any], exclude: Iterable[str] = ()
     configurable; ``exclude`` names parameters fedkd sets itself. For a class whose
     ``__init__`` forwards ``**kwargs`` to its parent, the parent's parameters count too
     (the subclass's defaults win), so a subclass declares only what it adds or changes.
+
+    A class whose ``**kwargs`` end in another callable instead (e.g. a strategy that hands
+    them to its distiller) names it in ``__config_forward__ = (callable, excluded names)``:
+    that callable's parameters count too, after the class's own.
     """
     excluded = set(exclude) | {"self"}
     out: dict[str, inspect.Parameter] = {}
@@ -104,6 +108,10 @@ def configurable_params(factory: Callable[..., Any], exclude: Iterable[str] = ()
         inits = [k.__dict__["__init__"] for k in factory.__mro__ if "__init__" in k.__dict__ and k is not object]
     else:
         inits = [factory]
+    forward = getattr(factory, "__config_forward__", None)
+    owner = None
+    if forward is not None and isinstance(factory, type):
+        owner = next((k for k in factory.__mro__ if "__config_forward__" in k.__dict__), None)
     for fn in inits:
         params = inspect.signature(fn).parameters
         for name, p in params.items():
@@ -111,6 +119,12 @@ def configurable_params(factory: Callable[..., Any], exclude: Iterable[str] = ()
                 continue
             if p.default is not inspect.Parameter.empty and isinstance(p.default, bool | int | float | str):
                 out[name] = p
+        if owner is not None and fn is owner.__dict__.get("__init__"):
+            break
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             break
+    if forward is not None:
+        target, skip = forward
+        for name, p in configurable_params(target, excluded | set(skip)).items():
+            out.setdefault(name, p)
     return out

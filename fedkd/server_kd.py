@@ -1,11 +1,14 @@
 """Server-side data-free distillation for federated strategies.
 
 :class:`ServerDistiller` is the one distillation loop of the federated strategies (FedDF,
-DENSE, FedFTG). It keeps, across rounds, a generator with its optimizer (a
-:class:`~fedkd.synthesis.Synthesizer`) and a :class:`~fedkd.distill.StudentUpdater` with
-its memory buffer. Each round it alternates one generator step against the teacher (an
-ensemble of the round's client models) with ``k`` student steps on fresh samples, as in
-DFAD and PAPERS.md.
+DENSE, FedFTG). It keeps, across rounds, a generator (a :class:`~fedkd.synthesis.Synthesizer`)
+and a :class:`~fedkd.distill.StudentUpdater` with its memory buffer. Each round it runs
+``iterations`` iterations of generator update(s) against the teacher (an ensemble of the
+round's client models) followed by ``k`` student steps; every value of the recipe
+(optimizers, learning rates and their per-round decay, what persists across rounds, how
+many generator updates per client, whether the students reuse the generator's batch, the KD
+loss and its reduction) is a config key, and each strategy's defaults are its official
+code's (``sims/papers/``).
 
 Retention across rounds is the update rule of the student:
 
@@ -14,6 +17,12 @@ Retention across rounds is the update rule of the student:
 * ``lra``: the retention/acquisition meta-update of "Learning to Retain while Acquiring",
   with that same memory, so the global model keeps what earlier generators taught it.
 
+The memory receives ``memory-push`` samples of each round's pseudo-batches at the end of the
+round, with the targets that round's teacher gave them; its capacity (``memory-size``) is in
+samples, so it spans ``memory-size / memory-push`` rounds. Replayed samples keep those stored
+targets (``memory-targets = stored``, the default: what earlier teachers taught is the point)
+or are relabelled by the current teacher (``current``).
+
 Everything runs on the server device (``device = "auto"``: cuda when present).
 """
 
@@ -21,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,24 +39,47 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import Tensor, nn
 
 from fedkd import records
-from fedkd.distill import EnsembleTeacher, MemoryBuffer, StudentUpdater, build_rule, kd_loss
+from fedkd.distill import (
+    KD_LOSSES,
+    REDUCTIONS,
+    EnsembleTeacher,
+    MemoryBuffer,
+    StudentUpdater,
+    build_rule,
+    kd_loss,
+    teacher_logits,
+)
 from fedkd.errors import ConfigError
 from fedkd.federation import BaseFactory, Federation, GroupedStrategy, ServerContext
-from fedkd.synthesis import Synthesizer, build_generator, eval_mode, make_objective
+from fedkd.synthesis import (
+    PER_MEMBER,
+    SAMPLE_MODES,
+    Synthesizer,
+    build_generator,
+    check_choice,
+    eval_mode,
+    make_objective,
+)
 
 log = logging.getLogger(__name__)
 
 RETENTION = {"none": "plain", "replay": "replay", "lra": "lra"}
+OPTIMIZERS = ("sgd", "adam")
+MEMORY_TARGETS = ("stored", "current")
 BatchSource = Callable[[], tuple[Tensor, Tensor | None]]
-
-
-def check_choice(key: str, value: str, choices: Any) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+Drawn = tuple[Tensor, Tensor | None]
 
 
 class ServerDistiller:
-    """A generator and a student updater, kept across rounds.
+    """A generator, a student updater and its memory, kept across rounds: the one server-side
+    distillation loop.
+
+    Each round (:meth:`run`) does ``iterations`` iterations. An iteration draws one batch of
+    noise, makes ``gen_steps`` generator updates on it (``per_client``: one update per client
+    model of the ensemble, FedFTG), then ``student_steps`` steps of every student, on the
+    generator's batch again (``reuse_batch``, FedFTG) or on fresh samples (DFAD). After the
+    round, ``memory_push`` of the round's pseudo-samples enter the memory with the targets the
+    round's teacher gave them, so the memory spans rounds.
 
     Parameters
     ----------
@@ -57,21 +89,36 @@ class ServerDistiller:
         Server device; the generator lives there.
     key : str
         Config prefix of the owning strategy (``strategy.<name>``), for error messages.
-    generator : str
-        Registered generator name (``image`` for input-space synthesis).
+    generator, latent_dim, conditional : str, int, bool
+        Registered generator (``image`` for input-space synthesis) and its noise and labels.
     preset, weights : str
         Synthesis preset and term-weight overrides (``"oh=1,adv=0.5"``); see
         :func:`fedkd.synthesis.make_objective`.
     batch_size : int
         Pseudo-samples per generator and student step.
-    gen_lr, student_lr : float
-        Adam learning rate of the generator; SGD learning rate of the student(s).
-    loss : {"kl", "l1", "js"}
-        KD loss of the student; ``temperature`` applies to KL and JS.
+    gen_lr, gen_lr_decay, gen_weight_decay : float
+        Generator Adam: learning rate ``gen_lr · gen_lr_decay^(round − 1)`` and weight decay.
+    gen_persist : bool
+        Keep Adam's state across rounds (else a fresh Adam every round, as FedFTG).
+    gen_steps, per_client : int, str
+        Generator updates per iteration, each against the ensemble (``off``), on the sum of
+        per-client losses weighted by class shares (``mean``, FedGen) or one update per
+        client (``steps``, FedFTG); see :meth:`fedkd.synthesis.Synthesizer.step`.
+    reuse_batch, sample_mode : bool, str
+        Student steps reuse the iteration's generator batch; the generator's mode when it
+        makes the students' samples (``eval``: BatchNorm running statistics).
+    optimizer, student_lr, momentum, weight_decay, lr_decay, persist_optimizer : str, float, ...
+        Student optimizer (sgd or adam), lr ``student_lr · lr_decay^(round − 1)``, SGD
+        momentum, weight decay; ``persist_optimizer`` keeps its state across rounds.
+    loss, temperature, loss_reduction : str, float, str
+        KD loss of the students (kl, ce, l1, js), its temperature and reduction (see
+        :func:`fedkd.distill.kd_loss`: ``mean`` is over batch × classes).
     retention : {"none", "replay", "lra"}
         Student update rule across rounds (see the module docstring).
-    memory_batches : int
-        Memory capacity in pushes (each push stores ``batch_size / 8`` samples).
+    memory_size, memory_push, memory_targets, replay_fraction : int, int, str, float
+        Memory capacity in samples; samples pushed per round; whether replayed samples keep
+        the targets of the round they came from (``stored``) or are relabelled by the
+        current teacher (``current``); the replayed fraction of each student batch.
     lra_order, lra_alpha : str, float
         Variant and inner step size of the ``lra`` rule.
     seed : int
@@ -89,11 +136,27 @@ class ServerDistiller:
         weights: str = "",
         batch_size: int = 64,
         gen_lr: float = 1e-3,
+        gen_lr_decay: float = 1.0,
+        gen_weight_decay: float = 0.0,
+        gen_persist: bool = True,
+        gen_steps: int = 1,
+        per_client: str = "off",
+        reuse_batch: bool = False,
+        sample_mode: str = "train",
+        optimizer: str = "sgd",
         student_lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        lr_decay: float = 1.0,
+        persist_optimizer: bool = False,
         loss: str = "kl",
         temperature: float = 1.0,
+        loss_reduction: str = "auto",
         retention: str = "none",
-        memory_batches: int = 10,
+        memory_size: int = 640,
+        memory_push: int = 64,
+        memory_targets: str = "stored",
+        replay_fraction: float = 0.125,
         lra_order: str = "second-order",
         lra_alpha: float = 0.1,
         seed: int = 0,
@@ -101,36 +164,72 @@ class ServerDistiller:
         conditional: bool = False,
     ) -> None:
         check_choice(f"{key}.retention", retention, RETENTION)
-        check_choice(f"{key}.loss", loss, ("kl", "l1", "js"))
-        for name, v in (("batch-size", batch_size), ("memory-batches", memory_batches)):
+        check_choice(f"{key}.loss", loss, KD_LOSSES.names())
+        check_choice(f"{key}.loss-reduction", loss_reduction, REDUCTIONS)
+        check_choice(f"{key}.optimizer", optimizer, OPTIMIZERS)
+        check_choice(f"{key}.memory-targets", memory_targets, MEMORY_TARGETS)
+        check_choice(f"{key}.sample-mode", sample_mode, SAMPLE_MODES)
+        check_choice(f"{key}.per-client", per_client, PER_MEMBER)
+        for name, v in (("batch-size", batch_size), ("memory-size", memory_size), ("gen-steps", gen_steps)):
             if v < 1:
                 raise ConfigError(f"{key}.{name} must be ≥ 1, got {v}")
+        if memory_push < 0:
+            raise ConfigError(f"{key}.memory-push must be ≥ 0, got {memory_push}")
         for name, f in (("gen-lr", gen_lr), ("student-lr", student_lr), ("temperature", temperature)):
             if not f > 0:
                 raise ConfigError(f"{key}.{name} must be > 0, got {f}")
+        for name, f in (("lr-decay", lr_decay), ("gen-lr-decay", gen_lr_decay)):
+            if not 0 < f <= 1:
+                raise ConfigError(f"{key}.{name} must be in (0, 1], got {f}")
+        for name, f in (("weight-decay", weight_decay), ("gen-weight-decay", gen_weight_decay)):
+            if not f >= 0:
+                raise ConfigError(f"{key}.{name} must be ≥ 0, got {f}")
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"{key}.momentum must be in [0, 1), got {momentum}")
+        if not 0 < replay_fraction <= 1:
+            raise ConfigError(f"{key}.replay-fraction must be in (0, 1], got {replay_fraction}")
         torch.manual_seed(seed)
         self.device = device
         self.generator = build_generator(
             generator, in_shape, num_classes, latent_dim=latent_dim, conditional=conditional
         ).to(device)
-        self.synth = Synthesizer(self.generator, make_objective(preset, weights), batch_size, gen_lr, seed=seed)
-        self.student_lr = student_lr
+        self.synth = Synthesizer(
+            self.generator, make_objective(preset, weights), batch_size, gen_lr, seed=seed,
+            weight_decay=gen_weight_decay,
+        )  # fmt: skip
+        self.gen_lr, self.gen_lr_decay, self.gen_persist = gen_lr, gen_lr_decay, gen_persist
+        self.gen_steps, self.per_client = gen_steps, per_client
+        self.reuse_batch, self.sample_mode = reuse_batch, sample_mode
+        self.optimizer, self.student_lr, self.momentum = optimizer, student_lr, momentum
+        self.weight_decay, self.lr_decay, self.persist_optimizer = weight_decay, lr_decay, persist_optimizer
+        self.memory_push = memory_push
+        self._opt_states: dict[str, Any] = {}
         rule = build_rule(RETENTION[retention], order=lra_order, alpha=lra_alpha)
-        fraction = 0.125
         memory = None
         if rule.uses_memory:
-            per_push = max(1, int(np.ceil(fraction * batch_size)))
-            memory = MemoryBuffer(memory_batches * per_push, push_every=1, fraction=fraction, seed=seed)
-        self.updater = StudentUpdater(rule, kd_loss(loss, temperature), memory)
+            memory = MemoryBuffer(memory_size, push_every=0, fraction=replay_fraction, seed=seed)
+        self.updater = StudentUpdater(
+            rule, kd_loss(loss, temperature, loss_reduction), memory, stored_targets=memory_targets == "stored"
+        )
+        self._pick = torch.Generator().manual_seed(seed + 1)
+
+    @property
+    def memory(self) -> MemoryBuffer | None:
+        """The cross-round memory (``None`` without retention)."""
+        return self.updater.memory
 
     def state_dict(self) -> dict[str, Any]:
-        memory = self.updater.memory
-        return {"synth": self.synth.state_dict(), "memory": memory.state_dict() if memory is not None else None}
+        memory = self.memory
+        return {"synth": self.synth.state_dict(), "memory": memory.state_dict() if memory is not None else None,
+                "optimizers": self._opt_states, "pick": self._pick.get_state()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.synth.load_state_dict(state["synth"])
-        if self.updater.memory is not None:
-            self.updater.memory.load_state_dict(state["memory"])
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
+        self._opt_states = dict(state.get("optimizers", {}))
+        if "pick" in state:
+            self._pick.set_state(state["pick"])
 
     def set_label_prior(self, counts: np.ndarray | None) -> None:
         """Sample labels ∝ ``counts`` (FedFTG's customized label sampling); None: uniform."""
@@ -145,42 +244,101 @@ class ServerDistiller:
         with eval_mode(teacher):
             self.synth.check(teacher, student)
 
+    def _student_optimizer(self, name: str, student: nn.Module, lr: float) -> torch.optim.Optimizer:
+        opt: torch.optim.Optimizer
+        if self.optimizer == "adam":
+            opt = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.persist_optimizer and name in self._opt_states:
+            opt.load_state_dict(self._opt_states[name])
+            for group in opt.param_groups:
+                group["lr"] = lr
+        return opt
+
+    def _remember(self, teacher: nn.Module, pool: list[Drawn], tag: int) -> None:
+        """Push ``memory_push`` random samples of the round's batches, with this teacher's targets."""
+        memory = self.memory
+        if memory is None or not pool or self.memory_push == 0:
+            return
+        x = torch.cat([b[0] for b in pool])
+        labels = [b[1] for b in pool]
+        y = torch.cat([v for v in labels if v is not None]) if all(v is not None for v in labels) else None
+        idx = torch.randperm(len(x), generator=self._pick)[: self.memory_push].to(x.device)
+        x, y = x[idx], None if y is None else y[idx]
+        with torch.no_grad():
+            targets = teacher_logits(teacher, x, y)
+        memory.push(x, y, targets, tag)
+
     def run(
         self,
-        students: Sequence[nn.Module],
+        students: Sequence[nn.Module] | Mapping[str, nn.Module],
         teacher: nn.Module,
         iterations: int,
         student_steps: int,
-        lr_scale: float = 1.0,
+        server_round: int = 1,
         source: BatchSource | None = None,
     ) -> dict[str, float]:
-        """Distill ``teacher`` into each of ``students``.
+        """Distill ``teacher`` into each of ``students`` for one round.
 
-        Each iteration: one generator step (against the first student, e.g. the global
-        model, for the adversarial term), then ``student_steps`` steps of every student on
-        fresh samples. With ``source`` (a proxy dataset), no generator is trained.
+        ``students`` maps a name (the architecture, which keys a persistent optimizer) to a
+        model; the first is the one the generator's adversarial term plays against (the
+        global model). With ``source`` (a proxy dataset), no generator is trained.
 
         Returns mean statistics: ``kd_loss``, ``g_loss`` and each ``g_<term>``, plus
         ``distill_seconds``.
         """
         t0 = time.perf_counter()
+        named = dict(students) if isinstance(students, Mapping) else {str(i): m for i, m in enumerate(students)}
+        models = list(named.values())
         teacher.eval()
-        opts = [torch.optim.SGD(s.parameters(), lr=self.student_lr * lr_scale, momentum=0.9) for s in students]
+        decay = self.lr_decay ** (server_round - 1)
+        opts = {n: self._student_optimizer(n, m, self.student_lr * decay) for n, m in named.items()}
+        gen_lr = self.gen_lr * self.gen_lr_decay ** (server_round - 1)
+        if self.gen_persist:
+            self.synth.set_lr(gen_lr)
+        else:
+            self.synth.reset_optimizer(gen_lr)
         stats: dict[str, list[float]] = {}
-        draw = source or self.synth.source()
+        pool: list[Drawn] = []
         for _ in range(iterations):
-            if source is None:
-                with eval_mode(*students):  # the generator seeks disagreement with fixed students
-                    for k, v in self.synth.step(teacher, students[0]).items():
-                        stats.setdefault(k, []).append(v)
-            for student, opt in zip(students, opts, strict=True):
+            draw = source if source is not None else self._train_generator(teacher, models[0], stats)
+            first = draw()
+            pool.append(first)
+            for name, student in named.items():
                 student.train()
-                out = self.updater.run(student, teacher, opt, draw, student_steps)
+                out = self.updater.run(student, teacher, opts[name], _starting_with(first, draw), student_steps)
                 for k, v in out.items():
                     stats.setdefault(k, []).append(v)
+        self._remember(teacher, pool, server_round)
+        if self.persist_optimizer:
+            self._opt_states = {n: o.state_dict() for n, o in opts.items()}
         result = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in stats.items()}
         result["distill_seconds"] = time.perf_counter() - t0
         return result
+
+    def _train_generator(self, teacher: nn.Module, student: nn.Module, stats: dict[str, list[float]]) -> BatchSource:
+        """One iteration's generator updates; returns the students' batch source for it."""
+        noise = self.synth.noise()
+        with eval_mode(student):  # the generator seeks disagreement with a fixed student
+            for _ in range(self.gen_steps):
+                step_noise = noise if self.reuse_batch else self.synth.noise()
+                for k, v in self.synth.step(teacher, student, step_noise, per_member=self.per_client).items():
+                    stats.setdefault(k, []).append(v)
+        if not self.reuse_batch:
+            return self.synth.source(self.sample_mode)
+        batch = self.synth.generate(noise, self.sample_mode)
+        return lambda: batch
+
+
+def _starting_with(first: Drawn, draw: BatchSource) -> BatchSource:
+    """A source whose first batch is ``first`` (already drawn), then ``draw``'s."""
+    queue = [first]
+
+    def source() -> Drawn:
+        return queue.pop() if queue else draw()
+
+    return source
 
 
 def proxy_source(x: Tensor, batch_size: int, device: torch.device, gen: torch.Generator) -> BatchSource:
@@ -205,38 +363,32 @@ class DistillationStrategy(GroupedStrategy):
     group's model) by a :class:`ServerDistiller` kept across rounds. The distilled
     weights go back into the server state, so the next round starts from them.
 
-    Subclasses set the class attributes and the defaults of their own keywords; every
-    keyword here is a config key ``strategy.<name>.<param>`` of each subclass.
+    Every keyword of :class:`ServerDistiller` (generator, optimizers, loss, retention and
+    memory) is a config key ``strategy.<name>.<param>`` too; subclasses set their own
+    defaults for them (their official recipes, ``sims/papers/``).
 
     Parameters
     ----------
     base : str
         Base Flower strategy run within each group (fedavg, fedprox, fedavgm, fedadam, ...).
     iterations : int
-        Generator steps per round (each followed by ``student-steps`` student steps).
+        Iterations per round: generator update(s), then ``student-steps`` student steps.
     student_steps : int
-        Student steps per iteration (DFAD: 5).
-    batch_size, gen_lr, student_lr, lr_decay : int, float, float, float
-        Pseudo-batch size; generator Adam lr; student SGD lr, multiplied by
-        ``lr_decay ** (round - 1)``.
-    loss, temperature : str, float
-        KD loss of the student (kl, l1, js) and its temperature.
-    generator, preset, weights, latent_dim, conditional : str, str, str, int, bool
-        Generator and its synthesis objective (see :mod:`fedkd.synthesis`).
-    retention : {"none", "replay", "lra"}
-        Keep the global model from forgetting earlier rounds' pseudo-samples.
-    memory_batches, lra_order, lra_alpha : int, str, float
-        Memory size and LRA variant used by ``replay`` / ``lra``. α defaults to 0.1, not the
-        paper's 0.9: with the retention gradient intact, 0.9 collapses the student (measured
-        in `fedkd dfkd`, sims/README.md, and in S1: FedDF + lra at α = 0.9 ended at 64.5% and
-        10.0% on seeds 0 and 1).
+        Student steps per iteration (DFAD, FedFTG: 5).
+    ensemble : {"logits", "probs"}
+        How the client models are combined into the teacher: averaged logits (FedDF's
+        ``avg_logits``, DENSE) or a mixture of their softmax (FedFTG).
+    class_level : bool
+        Weight each client, for a sample of class ``y``, by its share of class ``y``
+        (FedFTG) instead of uniformly.
+    **distill
+        :class:`ServerDistiller`'s keywords. ``lra_alpha`` defaults to 0.1, not the paper's
+        0.9: with the retention gradient intact, 0.9 collapsed the student (measured in
+        `fedkd dfkd`, sims/README.md).
     """
 
+    __config_forward__ = (ServerDistiller, ("in_shape", "num_classes", "device", "key", "seed"))
     trains_global_without_clients: ClassVar[bool] = True
-    #: "logits" (FedDF, DENSE) or "probs" (FedFTG) averaging of the ensemble.
-    ensemble_average: ClassVar[str] = "logits"
-    #: Weight each member by its share of the class (FedFTG, DENSE) instead of uniformly.
-    class_level: ClassVar[bool] = False
     #: Also distill into every group's model (FedDF), not only the global one.
     distill_groups: ClassVar[bool] = False
 
@@ -249,42 +401,28 @@ class DistillationStrategy(GroupedStrategy):
         base: str = "fedavg",
         iterations: int = 20,
         student_steps: int = 5,
-        batch_size: int = 64,
-        gen_lr: float = 1e-3,
-        student_lr: float = 0.01,
-        lr_decay: float = 1.0,
-        loss: str = "kl",
-        temperature: float = 1.0,
-        generator: str = "image",
-        preset: str = "dafl",
-        weights: str = "",
-        latent_dim: int = 100,
-        conditional: bool = False,
-        retention: str = "none",
-        memory_batches: int = 10,
-        lra_order: str = "second-order",
-        lra_alpha: float = 0.1,
+        ensemble: str = "logits",
+        class_level: bool = False,
+        **distill: Any,
     ) -> None:
         super().__init__(federation, base_factory, context)
         if context is None:
             raise ValueError(f"{type(self).__name__} needs a ServerContext")
         key = f"strategy.{self.config_name()}"
+        check_choice(f"{key}.ensemble", ensemble, ("logits", "probs"))
+        self.ensemble_average, self.class_level = ensemble, class_level
         for name, v in (("iterations", iterations), ("student-steps", student_steps)):
             if v < 0:
                 raise ConfigError(f"{key}.{name} must be ≥ 0, got {v}")
-        if not 0 < lr_decay <= 1:
-            raise ConfigError(f"{key}.lr-decay must be in (0, 1], got {lr_decay}")
-        self.iterations, self.student_steps, self.lr_decay = iterations, student_steps, lr_decay
+        self.iterations, self.student_steps = iterations, student_steps
         from generators import GENERATORS
 
+        generator = distill.get("generator", "image")
         if getattr(GENERATORS.get(generator), "space", "input") != "input":
             raise ConfigError(f"{key}.generator {generator!r} is not an input-space generator")
         self.distiller = ServerDistiller(
-            context.in_shape, context.num_classes, context.device, key, generator=generator, preset=preset,
-            weights=weights, batch_size=batch_size, gen_lr=gen_lr, student_lr=student_lr, loss=loss,
-            temperature=temperature, retention=retention, memory_batches=memory_batches, lra_order=lra_order,
-            lra_alpha=lra_alpha, seed=context.seed, latent_dim=latent_dim, conditional=conditional,
-        )  # fmt: skip
+            context.in_shape, context.num_classes, context.device, key, seed=context.seed, **distill
+        )
         # the objective must work with these architectures (e.g. `bn` needs BatchNorm)
         archs = [a for a in federation.groups if federation.nodes(a)]
         probe = EnsembleTeacher([context.build(a) for a in archs], average=self.ensemble_average)
@@ -330,16 +468,13 @@ class DistillationStrategy(GroupedStrategy):
         targets = [self.federation.global_arch]
         if self.distill_groups:
             targets += [a for a in self.federation.groups if a != self.federation.global_arch]
-        students = []
+        students: dict[str, nn.Module] = {}
         for arch in targets:
-            model = self.context.build(arch)
-            records.load_record(model, records.unpack(state, arch))
-            students.append(model)
-        stats = self.distiller.run(
-            students, teacher, self.iterations, self.student_steps, self.lr_decay ** (server_round - 1), self.source()
-        )
+            students[arch] = self.context.build(arch)
+            records.load_record(students[arch], records.unpack(state, arch))
+        stats = self.distiller.run(students, teacher, self.iterations, self.student_steps, server_round, self.source())
         groups = {a: records.unpack(state, a) for a in self.federation.groups}
-        for arch, model in zip(targets, students, strict=True):
+        for arch, model in students.items():
             groups[arch] = records.to_record(model)
         self.round_metrics.update(stats)
         return records.pack(groups), metrics

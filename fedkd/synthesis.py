@@ -11,8 +11,10 @@ The generator's loss is a weighted sum of named terms (a zero weight skips a ter
   teacher's BatchNorm layers, collected by forward hooks that are always removed;
 * ``adv``: student–teacher disagreement, maximized: ``−L1(logits)`` (DFAD, ZSKT) or
   ``1 − JS`` at temperature T (LRA, ADI);
-* ``div``: mode seeking (Mao et al. 2019): ``1 / (ratio + ε)`` where ``ratio`` is the mean
-  over sample pairs of ``mean|G(z₁) − G(z₂)| / mean|z₁ − z₂|``.
+* ``div``: diversity, bounded in ``(0, 1]``: ``exp(−mean_{i,j} d_z(i, j) · d_x(i, j))`` over all
+  pairs of the batch, ``d_x`` the mean absolute difference of the samples and ``d_z`` the
+  mean squared difference of their noise (the form of the official FedGen and FedFTG code);
+  it is 1 for a collapsed generator and falls as samples spread with their noise.
 
 Presets (``PRESETS``): ``dafl`` = oh 1 + ie 5 + act 0.1; ``dfad`` = adv (L1) 1;
 ``adi`` = bn 1 + oh 1 + adv (JS) 1; ``lra`` = oh 1 + ie 5 + act 0.1 + adv (1 − JS, T = 3) 1;
@@ -35,13 +37,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fedkd.distill import BatchSource, js_divergence, logits_and_features
+from fedkd.distill import BatchSource, EnsembleTeacher, js_divergence, logits_and_features
 from fedkd.errors import ConfigError
 from fedkd.registry import Registry
 
 log = logging.getLogger(__name__)
 
 TERMS: tuple[str, ...] = ("oh", "ie", "act", "bn", "adv", "div")
+Noise = tuple[Tensor, Tensor | None]
+"""``(z, y)``: a batch of generator noise and its labels (``None`` for an unconditional generator)."""
 ADV_METRICS: tuple[str, ...] = ("l1", "js")
 
 
@@ -66,27 +70,36 @@ def act_loss(features: Tensor) -> Tensor:
     return -features.abs().mean()
 
 
-def adv_loss(student: Tensor, teacher: Tensor, metric: str = "l1", temperature: float = 3.0) -> Tensor:
-    """Disagreement to *maximize*, as a loss to minimize.
+def adv_loss(
+    student: Tensor, teacher: Tensor, metric: str = "l1", temperature: float = 3.0, weight: Tensor | None = None
+) -> Tensor:
+    """Disagreement to *maximize*, as a loss to minimize; both sides are logits ``(B, C)``.
 
-    ``l1``: ``−mean |s − t|`` (DFAD). ``js``: ``1 − JS(softmax(s/T) ‖ softmax(t/T))`` (LRA).
+    ``l1``: ``−mean_b w_b · mean_c |s − t|`` (DFAD; FedFTG's hard-sample mining, with ``w``
+    the teacher's share of each sample's class). ``js``: ``1 − mean_b w_b · JS_b`` with
+    ``JS_b = JS(softmax(s/T) ‖ softmax(t/T))`` (LRA). ``weight=None``: every ``w_b = 1``.
     """
     if metric == "l1":
-        return -F.l1_loss(student, teacher)
+        per = (student - teacher).abs().mean(1)
+        return -(per.mean() if weight is None else (weight * per).mean())
     if metric == "js":
-        return 1.0 - js_divergence(student, teacher, temperature)
+        if weight is None:
+            return 1.0 - js_divergence(student, teacher, temperature)
+        return 1.0 - (weight * js_divergence(student, teacher, temperature, reduction="none")).mean()
     raise ConfigError(f"unknown adversarial metric {metric!r}; valid: {', '.join(ADV_METRICS)}")
 
 
-def div_loss(x: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
-    """Mode seeking: ``1 / (ratio + eps)`` with ``ratio`` the mean over pairs ``(i, i + B/2)``
-    of ``mean|x_i − x_j| / mean|z_i − z_j|``; a batch of one sample gives 0."""
-    half = x.shape[0] // 2
-    if half == 0:
-        return x.new_zeros(())
-    dx = (x[:half] - x[half : 2 * half]).abs().flatten(1).mean(1)
-    dz = (z[:half] - z[half : 2 * half]).abs().flatten(1).mean(1)
-    return 1.0 / ((dx / dz.clamp_min(eps)).mean() + eps)
+def div_loss(x: Tensor, z: Tensor) -> Tensor:
+    """Diversity in ``(0, 1]``: ``exp(−mean_{i,j} d_z(i, j) · d_x(i, j))`` over all pairs.
+
+    ``d_x(i, j) = mean |x_i − x_j|`` over the sample's elements and ``d_z(i, j) =
+    mean (z_i − z_j)²`` over the noise's (FedGen's and FedFTG's ``DiversityLoss``). Bounded:
+    1 when every sample is the same, never below 0; a batch of one sample gives 1.
+    """
+    fx, fz = x.flatten(1), z.flatten(1)
+    dx = (fx.unsqueeze(0) - fx.unsqueeze(1)).abs().mean(2)
+    dz = (fz.unsqueeze(0) - fz.unsqueeze(1)).pow(2).mean(2)
+    return torch.exp(-(dx * dz).mean())
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -149,11 +162,15 @@ class Objective:
     adv_metric : {"l1", "js"}
     temperature : float
         Temperature of the JS adversarial term (LRA: 3).
+    adv_detach : bool
+        Detach the teacher's side of the adversarial term, so that its gradient reaches the
+        generator through the student only (FedFTG's ``t_logit.detach()``); DFAD keeps both.
     """
 
     weights: Mapping[str, float] = field(default_factory=dict)
     adv_metric: str = "l1"
     temperature: float = 3.0
+    adv_detach: bool = False
 
     def __post_init__(self) -> None:
         for term, w in self.weights.items():
@@ -173,7 +190,7 @@ class Objective:
 
     def with_weights(self, overrides: Mapping[str, float]) -> Objective:
         """A copy with some weights replaced (or added)."""
-        return Objective({**self.weights, **overrides}, self.adv_metric, self.temperature)
+        return Objective({**self.weights, **overrides}, self.adv_metric, self.temperature, self.adv_detach)
 
 
 PRESETS: Registry[Objective] = Registry("synthesis preset")
@@ -211,7 +228,7 @@ def make_objective(
     base = PRESETS.get(preset)
     obj = base.with_weights(parse_weights(weights))
     metric = obj.adv_metric if adv_metric == "preset" else adv_metric
-    obj = Objective(obj.weights, metric, obj.temperature if temperature is None else temperature)
+    obj = Objective(obj.weights, metric, obj.temperature if temperature is None else temperature, obj.adv_detach)
     if not obj.active:
         raise ConfigError(
             f"synthesis preset {preset!r} with weights {weights!r} leaves the generator loss with no term"
@@ -241,6 +258,8 @@ class Synthesizer:
         label counts, normalized); uniform by default.
     seed : int
         Seed of the noise and label stream.
+    weight_decay : float
+        Adam weight decay of the generator (FedGen's official code: 1e-2).
 
     Notes
     -----
@@ -257,11 +276,14 @@ class Synthesizer:
         lr: float = 1e-3,
         label_prior: Tensor | None = None,
         seed: int = 0,
+        weight_decay: float = 0.0,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"synthesis batch size must be ≥ 1, got {batch_size}")
         if not lr > 0:
             raise ConfigError(f"generator learning rate must be > 0, got {lr}")
+        if not weight_decay >= 0:
+            raise ConfigError(f"generator weight decay must be ≥ 0, got {weight_decay}")
         self.generator = generator
         self.objective = objective
         self.batch_size = batch_size
@@ -279,8 +301,21 @@ class Synthesizer:
                 raise ConfigError(f"label prior must be {self.num_classes} non-negative numbers with a positive sum")
             label_prior = label_prior / label_prior.sum()
         self.label_prior = label_prior
-        self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+        self.weight_decay = weight_decay
+        self.optimizer = self._adam(lr)
         self._rng = torch.Generator().manual_seed(seed)
+
+    def _adam(self, lr: float) -> torch.optim.Adam:
+        return torch.optim.Adam(self.generator.parameters(), lr=lr, weight_decay=self.weight_decay)
+
+    def reset_optimizer(self, lr: float) -> None:
+        """A fresh Adam at ``lr`` (FedFTG re-creates the generator's optimizer every round)."""
+        self.optimizer = self._adam(lr)
+
+    def set_lr(self, lr: float) -> None:
+        """Keep Adam's moments, change its learning rate (a per-round decay)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         """Generator, optimizer, noise stream and label prior (for checkpoints)."""
@@ -320,7 +355,9 @@ class Synthesizer:
             if feats is None:
                 raise ConfigError("generator loss term 'act' needs a teacher with features")
 
-    def _noise(self, n: int) -> tuple[Tensor, Tensor | None]:
+    def noise(self, n: int | None = None) -> Noise:
+        """``(z, y)`` for ``n`` samples (default: the batch size); ``y`` is ``None`` if unconditional."""
+        n = n or self.batch_size
         z = torch.randn(n, self.latent_dim, generator=self._rng)
         y: Tensor | None = None
         if self.conditional:
@@ -336,14 +373,40 @@ class Synthesizer:
 
         Gradients flow to the generator unless called under ``torch.no_grad()``.
         """
-        z, y = self._noise(n or self.batch_size)
+        z, y = self.noise(n)
         return self.generator(z, y), y, z
 
-    def loss(self, teacher: nn.Module, student: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The generator loss on a fresh batch and each active term (unweighted)."""
+    def loss(
+        self,
+        teacher: nn.Module,
+        student: nn.Module | None = None,
+        noise: Noise | None = None,
+        weight: Tensor | None = None,
+        div_scale: float = 1.0,
+        x: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator loss and each active term (unweighted by the objective).
+
+        Parameters
+        ----------
+        teacher, student : nn.Module
+            The classifier(s) the objective is computed with.
+        noise : (Tensor, Tensor or None), optional
+            ``(z, y)`` to generate from; a fresh draw by default.
+        weight : Tensor, optional
+            Per-sample weights ``(B,)`` of this teacher: a client's share ``w_{k, y_b}`` of
+            each sample's class. They weigh the adversarial term per sample and scale the
+            fidelity term by their mean (the official FedFTG and FedGen reduction).
+        div_scale : float
+            Factor on the diversity term (FedFTG divides it by the number of clients); 0
+            leaves it out.
+        x : Tensor, optional
+            ``G(z, y)`` already computed (with its graph), to share it between teachers.
+        """
         active = self.objective.active
         terms: dict[str, Tensor] = {}
-        x, y, z = self.sample()
+        z, y = noise if noise is not None else self.noise()
+        x = self.generator(z, y) if x is None else x
         stats = BNStatistics(teacher) if "bn" in active else None
         if stats is not None:
             if any(m.training for m in stats.layers):
@@ -354,7 +417,7 @@ class Synthesizer:
         else:
             t_logits, feats = logits_and_features(teacher, x, y)
         if "oh" in active:
-            terms["oh"] = oh_loss(t_logits, y)
+            terms["oh"] = oh_loss(t_logits, y) * (1.0 if weight is None else weight.mean())
         if "ie" in active:
             terms["ie"] = ie_loss(t_logits)
         if "act" in active:
@@ -364,36 +427,112 @@ class Synthesizer:
         if "adv" in active:
             if student is None:
                 raise ConfigError("generator loss term 'adv' needs a student")
-            terms["adv"] = adv_loss(student(x), t_logits, self.objective.adv_metric, self.objective.temperature)
-        if "div" in active:
-            terms["div"] = div_loss(x, z)
+            t_side = t_logits.detach() if self.objective.adv_detach else t_logits
+            terms["adv"] = adv_loss(
+                student(x), t_side, self.objective.adv_metric, self.objective.temperature, weight
+            )
+        if "div" in active and div_scale > 0:
+            terms["div"] = div_scale * div_loss(x, z)
         total = torch.stack([active[t] * terms[t] for t in TERMS if t in terms]).sum()
         return total, terms
 
-    def step(self, teacher: nn.Module, student: nn.Module | None = None) -> dict[str, float]:
-        """One generator update; returns ``g_loss`` and ``g_<term>`` for every active term."""
-        self.generator.train()
-        total, terms = self.loss(teacher, student)
+    def _update(self, total: Tensor) -> None:
         params = [p for p in self.generator.parameters() if p.requires_grad]
         grads = torch.autograd.grad(total, params, allow_unused=True)
         for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"g_loss": float(total.detach())}
-        out.update({f"g_{t}": float(v.detach()) for t, v in terms.items()})
+
+    def step(
+        self,
+        teacher: nn.Module,
+        student: nn.Module | None = None,
+        noise: Noise | None = None,
+        per_member: str = "off",
+    ) -> dict[str, float]:
+        """Generator update(s) on one batch; returns ``g_loss`` and ``g_<term>`` per active term.
+
+        ``per_member`` (see :data:`PER_MEMBER`), with an
+        :class:`~fedkd.distill.EnsembleTeacher` of ``K`` members:
+
+        * ``off``: one update against the ensemble as one teacher;
+        * ``mean``: one update on ``Σ_k L_k + div``, where ``L_k`` is the objective with member
+          ``k``'s logits weighted by its per-sample class shares ``w_{k, y_b}`` (they sum to
+          1 over members): FedGen's generator loss, and the FedFTG repository's FedDF baseline;
+        * ``steps``: one update per member on ``L_k + div / K`` (FedFTG).
+
+        The statistics are summed over members, as one objective. ``noise`` (default: a fresh
+        draw) is shared by all the updates.
+        """
+        check_choice("per-member generator updates", per_member, PER_MEMBER)
+        self.generator.train()
+        noise = noise if noise is not None else self.noise()
+        out: dict[str, float] = {}
+
+        def record(total: Tensor, terms: dict[str, Tensor]) -> None:
+            out["g_loss"] = out.get("g_loss", 0.0) + float(total.detach())
+            for t, v in terms.items():
+                out[f"g_{t}"] = out.get(f"g_{t}", 0.0) + float(v.detach())
+
+        if per_member == "off" or not isinstance(teacher, EnsembleTeacher):
+            total, terms = self.loss(teacher, student, noise)
+            self._update(total)
+            record(total, terms)
+            return out
+        z, y = noise
+        weights = teacher.sample_weights(z.shape[0], y, z.device)
+        members = list(teacher.members)
+        if per_member == "steps":
+            for k, member in enumerate(members):
+                total, terms = self.loss(member, student, noise, weights[:, k], 1.0 / len(members))
+                self._update(total)
+                record(total, terms)
+            return out
+        x = self.generator(z, y)
+        parts = [self.loss(m, student, noise, weights[:, k], 0.0, x) for k, m in enumerate(members)]
+        total = torch.stack([p[0] for p in parts]).sum()
+        for _, terms in parts:
+            record(torch.zeros(()), terms)
+        if "div" in self.objective.active:
+            div = div_loss(x, z)
+            total = total + self.objective.active["div"] * div
+            out["g_div"] = float(div.detach())
+        self._update(total)
+        out["g_loss"] = float(total.detach())
         log.debug("generator step: %s", out)
         return out
 
-    def source(self) -> BatchSource:
+    @torch.no_grad()
+    def generate(self, noise: Noise, mode: str = "train") -> tuple[Tensor, Tensor | None]:
+        """Samples ``(x, y)`` of ``noise`` without gradient, the generator in ``mode``
+        (``"eval"``: BatchNorm's running statistics, FedFTG's student steps)."""
+        check_choice("sample mode", mode, SAMPLE_MODES)
+        z, y = noise
+        was = self.generator.training
+        self.generator.train(mode == "train")
+        try:
+            return self.generator(z, y), y
+        finally:
+            self.generator.train(was)
+
+    def source(self, mode: str = "train") -> BatchSource:
         """A batch source for :class:`~fedkd.distill.StudentUpdater`: fresh ``(x, y)``, no gradient."""
 
         def draw() -> tuple[Tensor, Tensor | None]:
-            with torch.no_grad():
-                x, y, _ = self.sample()
-            return x, y
+            return self.generate(self.noise(), mode)
 
         return draw
+
+
+SAMPLE_MODES: tuple[str, ...] = ("train", "eval")
+PER_MEMBER: tuple[str, ...] = ("off", "mean", "steps")
+
+
+def check_choice(key: str, value: str, choices: Any) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def build_generator(name: str, out_shape: tuple[int, ...], num_classes: int, **params: Any) -> nn.Module:

@@ -1,10 +1,18 @@
 """FedDF: ensemble distillation for model fusion (Lin et al., NeurIPS 2020).
 
 Within each architecture group the base strategy aggregates (FedAvg by default); then the
-averaged logits of all the round's client models teach every group's model and the global
-model. The distillation data are unlabelled proxy samples (``proxy`` names a dataset;
-its training split is used, without labels) or, data-free, samples of a generator trained
-against the ensemble (DAFL terms plus the adversarial term).
+ensemble of all the round's client models teaches every group's model and the global model.
+The distillation data are unlabelled proxy samples (``proxy`` names a dataset; its training
+split is used, without labels) or, data-free, samples of a generator trained against the
+ensemble.
+
+The defaults are the data-free FedDF of the FedFTG repository (``methods/local_fn_gan.py``,
+``train_global_model_feddf``), the only official data-free FedDF (the paper's own code
+distills on proxy data): per round, 50 Adam steps of a conditional generator (lr 0.01 ·
+0.998^round, weight decay 1e-3, fresh Adam each round) on the mean over clients of CE toward
+the sampled label plus diversity; then 20 SGD steps of each student (lr 0.1 · 0.998^round,
+no momentum, weight decay 1e-3) on fresh samples, by KL to the mean of the clients' softmax.
+``sims/papers/mnist5k-feddf-dir0.1.toml`` lists the deviations.
 
 ClientApp: ordinary local training; replies carry weights, ``num-examples`` and
 ``label-counts``.
@@ -19,7 +27,11 @@ import torch
 from fedkd.data import load_dataset
 from fedkd.errors import ConfigError, UserError
 from fedkd.server_kd import BatchSource, DistillationStrategy, proxy_source
+from fedkd.synthesis import PRESETS, Objective
 from strategies import STRATEGIES
+
+#: The data-free FedDF baseline of the FedFTG repository: mean CE over the clients + diversity.
+PRESETS.add("feddf", Objective({"oh": 1.0, "div": 1.0}))
 
 
 @STRATEGIES.register("feddf")
@@ -42,15 +54,33 @@ class FedDF(DistillationStrategy):
         *args: Any,
         proxy: str = "",
         proxy_root: str = "",
-        preset: str = "dafl",
-        weights: str = "adv=1",
-        iterations: int = 20,
-        student_steps: int = 5,
+        ensemble: str = "probs",
+        preset: str = "feddf",
+        conditional: bool = True,
+        batch_size: int = 50,
+        iterations: int = 1,
+        gen_steps: int = 50,
+        per_client: str = "mean",
+        student_steps: int = 20,
+        gen_lr: float = 0.01,
+        gen_lr_decay: float = 0.998,
+        gen_weight_decay: float = 1e-3,
+        gen_persist: bool = False,
+        sample_mode: str = "eval",
+        student_lr: float = 0.1,
+        momentum: float = 0.0,
+        weight_decay: float = 1e-3,
+        lr_decay: float = 0.998,
+        loss: str = "kl",
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            *args, preset=preset, weights=weights, iterations=iterations, student_steps=student_steps, **kwargs
-        )
+            *args, ensemble=ensemble, preset=preset, conditional=conditional, batch_size=batch_size,
+            iterations=iterations, gen_steps=gen_steps, per_client=per_client, student_steps=student_steps,
+            gen_lr=gen_lr, gen_lr_decay=gen_lr_decay, gen_weight_decay=gen_weight_decay, gen_persist=gen_persist,
+            sample_mode=sample_mode, student_lr=student_lr, momentum=momentum, weight_decay=weight_decay,
+            lr_decay=lr_decay, loss=loss, **kwargs,
+        )  # fmt: skip
         self._proxy: BatchSource | None = None
         self._proxy_rng = torch.Generator()
         if proxy:

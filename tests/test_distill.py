@@ -92,13 +92,13 @@ def test_js_bounds() -> None:
 
 
 def test_kd_loss_registry_and_config_agree() -> None:
-    assert set(KD_LOSSES.names()) == {"kl", "l1", "js"}
+    assert set(KD_LOSSES.names()) == {"kl", "ce", "l1", "js"}
     choices = {k.name: k.choices for k in CORE_KEYS}
     assert set(choices["distill.loss"] or ()) == set(KD_LOSSES.names())
     assert set(choices["distill.rule"] or ()) == set(UPDATE_RULES.names())
     s, t = torch.randn(3, 4), torch.randn(3, 4)
     assert kd_loss("kl", 2.0)(s, t).item() == pytest.approx(kd_kl(s, t, 2.0).item())
-    with pytest.raises(ConfigError, match="unknown KD loss 'mse'; valid: js, kl, l1"):
+    with pytest.raises(ConfigError, match="unknown KD loss 'mse'; valid: ce, js, kl, l1"):
         kd_loss("mse")
     with pytest.raises(ConfigError, match="temperature"):
         kd_loss("kl", 0.0)
@@ -199,7 +199,7 @@ def test_memory_keeps_labels_and_checks_settings() -> None:
     assert y is not None and torch.equal(x.view(-1).long(), y)
     with pytest.raises(ValueError):
         mem.push(torch.zeros(1, 1))
-    for bad in ({"capacity": 0}, {"capacity": 4, "push_every": 0}, {"capacity": 4, "fraction": 0.0}):
+    for bad in ({"capacity": 0}, {"capacity": 4, "push_every": -1}, {"capacity": 4, "fraction": 0.0}):
         with pytest.raises(ConfigError):
             MemoryBuffer(**bad)  # type: ignore[arg-type]
 

@@ -84,12 +84,13 @@ def test_generator_travels_from_round_two_with_decayed_weights(reply):
         gen = m.content.array_records[records.GENERATOR]
         assert set(gen) == set(s.synth.generator.state_dict())
         conf = m.content.config_records[records.CONFIG]
-        assert conf["fedgen.alpha"] == pytest.approx(2.0 * 0.5)  # decayed once since round 2
+        assert conf["fedgen.alpha"] == pytest.approx(2.0 * 0.5**2)  # α · decay^(round − 1), as the official code
+        assert conf["fedgen.activation"] == "relu"
         assert len(conf["fedgen.label-prior"]) == 10
 
 
 def test_generator_learns_to_satisfy_the_heads(reply):
-    s, fed = fedgen("strategy.fedgen.gen-steps=1")
+    s, fed = fedgen("strategy.fedgen.gen-steps=1", "strategy.fedgen.gen-lr=0.01")
     state = initial_state(fed)
     s.configure_train(1, state, ConfigRecord(), _Grid())
     s.aggregate_train(1, replies(reply))
@@ -133,9 +134,49 @@ def test_fedgen_end_to_end(tmp_path):
     out = tmp_path / "fg"
     argv = ["run", "--out", str(out), "--set", "strategy.name=fedgen", "--set", "model.feature-dim=32",
             "--set", "rounds=3", "--set", "clients.num=4", "--set", "clients.architectures=cnn:2,mlp:2",
-            "--set", "clients.local-steps=20", "--set", "strategy.fedgen.gen-steps=20"]  # fmt: skip
+            "--set", "clients.local-steps=20", "--set", "strategy.fedgen.gen-steps=20",
+            "--set", "clients.lr=0.01"]  # fmt: skip  (α = β = 10 go with the official local lr 0.01
     assert main(argv) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["bytes_down"] > rows[0]["bytes_down"], "the generator crosses with the round-2 messages"
     assert all(np.isfinite(r["accuracy"]) for r in rows) and rows[-1]["accuracy"] > 0.2
     assert "g_loss" in rows[0]
+
+
+def real_features() -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([m.eval().features(DS.x_train) for m, _ in CLIENTS.values()])
+
+
+def test_generated_features_lie_where_real_ones_do(reply):
+    """Sign and scale: fedkd's features follow a ReLU, so must generated ones; after the
+    official 50 steps (and more) their norms stay on the real features' scale. Before the
+    fix 10% of generated values were negative and their norm was 3.7× the real one."""
+    real = real_features()
+    assert bool((real >= 0).all())
+    s, fed = fedgen("strategy.fedgen.gen-steps=200")
+    s.configure_train(1, initial_state(fed), ConfigRecord(), _Grid())
+    s.aggregate_train(1, replies(reply))
+    with torch.no_grad():
+        fake, _, _ = s.synth.sample(512)
+    assert bool((fake >= 0).all()), "generated features are negative where no real one is"
+    ratio = float(fake.norm(dim=1).mean() / real.norm(dim=1).mean())
+    assert 1 / 3 < ratio < 3, f"generated features' norm is {ratio:.2f}× the real ones'"
+
+
+def test_the_generator_objective_is_the_official_per_client_sum(reply):
+    """Σ_k CE(head_k(G(z, y)), y) · mean_b w_{k, y_b} (+ diversity): checked against a direct computation."""
+    s, fed = fedgen("strategy.fedgen.diversity=0.0001")
+    s.configure_train(1, initial_state(fed), ConfigRecord(), _Grid())
+    heads = [m.classifier for m, _ in CLIENTS.values()]
+    counts = np.stack([c for _, c in CLIENTS.values()])
+    from fedkd.distill import EnsembleTeacher
+
+    teacher = EnsembleTeacher(heads, counts).eval()
+    z, y = s.synth.noise(64)
+    assert y is not None
+    x = s.synth.generator(z, y)
+    w = torch.as_tensor(counts / counts.sum(0), dtype=torch.float32)[:, y]  # (K, B)
+    expected = sum(F.cross_entropy(h(x), y) * w[k].mean() for k, h in enumerate(heads))
+    got = sum(s.synth.loss(h, None, (z, y), w[k], 0.0, x)[1]["oh"] for k, h in enumerate(teacher.members))
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)

@@ -60,13 +60,24 @@ def test_act_and_adv_fixtures() -> None:
         adv_loss(s, t, "l2")
 
 
-def test_div_mode_seeking_ratio() -> None:
-    x = torch.tensor([[0.0, 0.0], [1.0, 3.0]])  # one pair: mean |Δx| = 2
-    z = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # mean |Δz| = 1
-    assert div_loss(x, z, eps=0.0).item() == pytest.approx(0.5)
-    assert div_loss(x[:1], z[:1]).item() == 0.0
-    # more diverse outputs for the same noise → a lower loss
-    assert div_loss(2 * x, z).item() < div_loss(x, z).item()
+def test_div_is_the_official_bounded_form() -> None:
+    x = torch.tensor([[0.0, 0.0], [1.0, 3.0]])  # pairwise mean |Δx|: 2 off the diagonal
+    z = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # pairwise mean (Δz)²: 1
+    # exp(−mean over the 2×2 pairs of d_z · d_x) = exp(−(2 + 2) / 4)
+    assert div_loss(x, z).item() == pytest.approx(math.exp(-1.0))
+    assert div_loss(x[:1], z[:1]).item() == pytest.approx(1.0)
+    assert div_loss(2 * x, z).item() < div_loss(x, z).item()  # more spread, lower loss
+
+
+def test_div_is_bounded_on_a_collapsing_generator() -> None:
+    """The old 1/(ratio + ε) form reached ~1e5 when samples collapse; this one stays in (0, 1]."""
+    torch.manual_seed(0)
+    z = torch.randn(64, 100)
+    for spread in (0.0, 1e-8, 1e-3, 1.0, 1e3):
+        x = spread * torch.randn(64, 1, 8, 8)
+        v = div_loss(x, z).item()
+        assert 0.0 <= v <= 1.0
+    assert div_loss(torch.zeros(64, 1, 8, 8), z).item() == pytest.approx(1.0)
 
 
 def test_bn_statistics_fixture_and_hooks_are_removed() -> None:
