@@ -51,6 +51,7 @@ from fedkd.distill import (
 )
 from fedkd.errors import ConfigError
 from fedkd.federation import BaseFactory, Federation, GroupedStrategy, ServerContext
+from fedkd.registry import configurable_params
 from fedkd.synthesis import (
     PER_MEMBER,
     SAMPLE_MODES,
@@ -89,8 +90,10 @@ class ServerDistiller:
         Server device; the generator lives there.
     key : str
         Config prefix of the owning strategy (``strategy.<name>``), for error messages.
-    generator, latent_dim, conditional : str, int, bool
-        Registered generator (``image`` for input-space synthesis) and its noise and labels.
+    generator, latent_dim, conditional, gen_channels : str, int, bool, int
+        Registered generator (``image`` for input-space synthesis), its noise, its labels and
+        its width (the ``image`` generator's ``base_channels``, DCGAN's ngf: 64 in FedFTG's
+        and DFAD's code; its cost grows with its square).
     preset, weights : str
         Synthesis preset and term-weight overrides (``"oh=1,adv=0.5"``); see
         :func:`fedkd.synthesis.make_objective`.
@@ -162,6 +165,7 @@ class ServerDistiller:
         seed: int = 0,
         latent_dim: int = 100,
         conditional: bool = False,
+        gen_channels: int = 64,
     ) -> None:
         check_choice(f"{key}.retention", retention, RETENTION)
         check_choice(f"{key}.loss", loss, KD_LOSSES.names())
@@ -190,8 +194,13 @@ class ServerDistiller:
             raise ConfigError(f"{key}.replay-fraction must be in (0, 1], got {replay_fraction}")
         torch.manual_seed(seed)
         self.device = device
+        from generators import GENERATORS
+
+        if gen_channels < 1:
+            raise ConfigError(f"{key}.gen-channels must be ≥ 1, got {gen_channels}")
+        extra = {"base_channels": gen_channels} if "base_channels" in configurable_params(GENERATORS.get(generator)) else {}
         self.generator = build_generator(
-            generator, in_shape, num_classes, latent_dim=latent_dim, conditional=conditional
+            generator, in_shape, num_classes, latent_dim=latent_dim, conditional=conditional, **extra
         ).to(device)
         self.synth = Synthesizer(
             self.generator, make_objective(preset, weights), batch_size, gen_lr, seed=seed,
