@@ -34,7 +34,8 @@ BAD = [
     ("missing dataset root", ["--set", "dataset.name=cifar10"], "set dataset.root"),
     ("dataset root does not exist", ["--set", "dataset.name=mnist", "--set", "dataset.root=/no/such/dir"],
      "dataset.root '/no/such/dir' does not exist"),
-    ("global arch without clients", ["--set", "global.architecture=resnet8"], "global.architecture 'resnet8' has no clients"),
+    ("global arch without clients", ["--set", "strategy.name=fedavg", "--set", "global.architecture=resnet8"],
+     "global.architecture 'resnet8' has no clients"),  # FedDF (the quickstart's) can train a clientless global
     ("bad --set", ["--set", "rounds"], "--set expects KEY=VALUE"),
     ("bad engine flag", ["--engine", "spark"], "invalid choice: 'spark'"),
     ("bad seed flag", ["--seed", "x"], "invalid int value: 'x'"),

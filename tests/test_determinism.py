@@ -13,7 +13,7 @@ from fedkd.cli import main
 from tests.conftest import REPO
 
 SETS = ["rounds=3", "clients.num=6", "clients.architectures=cnn:3,mlp:3", "clients.local-steps=5",
-        "clients.fraction=0.5", "partition.name=dirichlet", "clients.threads=1"]  # fmt: skip
+        "clients.fraction=0.5", "partition.name=dirichlet", "clients.threads=1", "strategy.name=fedavg"]  # fmt: skip
 
 
 def rows(out) -> list[dict]:

@@ -127,7 +127,8 @@ def test_a_nan_update_never_reaches_the_global_model(reply):
     assert s.round_metrics["rejected"] == 1 and [m.metadata.src_node_id for m in s.accepted] == [11, 12]
 
 
-FAULTY = ["rounds=3", "clients.num=10", "clients.architectures=mlp", "clients.local-steps=10", "partition.name=iid"]
+FAULTY = ["rounds=3", "clients.num=10", "clients.architectures=mlp", "clients.local-steps=10", "partition.name=iid",
+          "strategy.name=fedavg"]
 
 
 def test_run_completes_with_30_percent_crashing_clients(tmp_path):
@@ -153,12 +154,12 @@ def test_a_straggler_past_the_round_timeout_is_a_failure(tmp_path):
     assert expected > 0 and rows(tmp_path / "r")[0]["failures"] == expected
 
 
-ATTACK = ["rounds=5", "clients.num=10", "clients.architectures=mlp", "clients.local-steps=20", "partition.name=iid",
+ATTACK = ["strategy.name=fedavg", "rounds=5", "clients.num=10", "clients.architectures=mlp", "clients.local-steps=20", "partition.name=iid",
           "faults.malicious-fraction=0.2", "faults.scale-attack=-10"]  # fmt: skip
 
 
 def test_scale_attack_robust_base_keeps_accuracy_plain_fedavg_does_not(tmp_path):
-    clean = run(tmp_path / "clean", *ATTACK[:5])["final_accuracy"]
+    clean = run(tmp_path / "clean", *ATTACK[:6])["final_accuracy"]
     attacked = run(tmp_path / "avg", *ATTACK)["final_accuracy"]
     median = run(tmp_path / "med", *ATTACK, "strategy.name=fedmedian")["final_accuracy"]
     assert attacked < clean - 0.2, (clean, attacked)

@@ -19,7 +19,8 @@ from fedkd.config import load_config
 from fedkd.engines import execute
 from tests.conftest import REPO
 
-BASE = ["rounds=4", "clients.num=4", "clients.architectures=mlp", "clients.local-steps=10", "partition.name=iid"]
+BASE = ["rounds=4", "clients.num=4", "clients.architectures=mlp", "clients.local-steps=10", "partition.name=iid",
+        "strategy.name=fedavg"]
 KD = [*BASE, "strategy.name=feddf", "strategy.feddf.iterations=2", "strategy.feddf.retention=lra",
       "strategy.feddf.batch-size=16"]  # fmt: skip
 
