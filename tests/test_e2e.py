@@ -100,17 +100,20 @@ def test_digits_dataset(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_ray_engine_heterogeneous(tmp_path):
-    """Flower's Simulation Engine, through the console script, with 3 architectures."""
+    """Flower's Simulation Engine, through the console script, with 3 architectures and the
+    quickstart's server-side FedDF (cut to 3 generator and 3 student steps per round)."""
     out = tmp_path / "ray"
     proc = subprocess.run(
         [sys.executable, "-m", "fedkd.cli", "run", "--engine", "ray", "--out", str(out),
          "--set", "rounds=2", "--set", "clients.num=6", "--set", "clients.architectures=cnn:2,lenet5:2,mlp:2",
-         "--set", "clients.local-steps=5", "--set", "partition.name=iid"],
+         "--set", "clients.local-steps=5", "--set", "partition.name=iid",
+         "--set", "strategy.feddf.gen-steps=3", "--set", "strategy.feddf.student-steps=3"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = rows(out)
     assert len(r) == 2 and set(r[-1]["group_accuracy"]) == {"cnn", "lenet5", "mlp"}
+    assert all("kd_loss" in x for x in r), "the quickstart's FedDF step did not run"
     assert all(x["failures"] == 0 and x["bytes_up"] > 0 for x in r)
     assert "round   2/2" in proc.stdout
 
