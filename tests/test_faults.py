@@ -154,12 +154,13 @@ def test_a_straggler_past_the_round_timeout_is_a_failure(tmp_path):
     assert expected > 0 and rows(tmp_path / "r")[0]["failures"] == expected
 
 
-ATTACK = ["strategy.name=fedavg", "rounds=5", "clients.num=10", "clients.architectures=mlp", "clients.local-steps=20", "partition.name=iid",
-          "faults.malicious-fraction=0.2", "faults.scale-attack=-10"]  # fmt: skip
+CLEAN = ["strategy.name=fedavg", "rounds=5", "clients.num=10", "clients.architectures=mlp", "clients.local-steps=20",
+         "partition.name=iid"]  # fmt: skip
+ATTACK = [*CLEAN, "faults.malicious-fraction=0.2", "faults.scale-attack=-10"]
 
 
 def test_scale_attack_robust_base_keeps_accuracy_plain_fedavg_does_not(tmp_path):
-    clean = run(tmp_path / "clean", *ATTACK[:6])["final_accuracy"]
+    clean = run(tmp_path / "clean", *CLEAN)["final_accuracy"]
     attacked = run(tmp_path / "avg", *ATTACK)["final_accuracy"]
     median = run(tmp_path / "med", *ATTACK, "strategy.name=fedmedian")["final_accuracy"]
     assert attacked < clean - 0.2, (clean, attacked)
