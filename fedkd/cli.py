@@ -142,7 +142,7 @@ def resumable_run(args: argparse.Namespace) -> tuple[Any, Path]:
     from fedkd.results import CONFIG, SUMMARY
 
     given = [f for f, v in (("SIM", args.sim), ("--set", args.set), ("--out", args.out), ("--seed", args.seed),
-                            ("--engine", args.engine)) if v]  # fmt: skip
+                            ("--engine", getattr(args, "engine", None))) if v]  # fmt: skip
     if given:
         raise UserError(f"--resume takes the run's own config; drop {', '.join(given)}")
     run_dir = Path(args.resume)
@@ -242,31 +242,53 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_dfkd(args: argparse.Namespace) -> int:
+    from fedkd import checkpoint as ckpt
     from fedkd import dfkd
     from fedkd.config import load_config
     from fedkd.engines import default_out
     from fedkd.results import create_run_dir, write_atomic
 
     started = time.perf_counter()
-    sim = find_sim(args.sim) if args.sim else None
-    cfg = load_config(sim, list(args.set or []), args.seed)
-    plan = dfkd.prepare(cfg)  # every check runs before the run directory exists
-    run_dir = create_run_dir(args.out or default_out(sim or "dfkd"))
-    write_atomic(run_dir / "config.toml", cfg.to_toml())
-    epochs = cfg.int("dfkd.epochs")
+    resume = None
+    if args.resume is not None:
+        cfg, run_dir = resumable_run(args)
+        plan = dfkd.prepare(cfg)
+        if not cfg.int("checkpoint.every"):
+            raise UserError(f"--resume: {run_dir} was run with checkpoint.every = 0; it cannot be resumed")
+        if ckpt.checkpoints(run_dir):
+            resume = ckpt.latest(run_dir)
+            print(f"fedkd dfkd: resuming {run_dir} after epoch {resume.round}", flush=True)
+        else:  # interrupted before its first epoch ended: start it again, in place
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            print(f"fedkd dfkd: {run_dir} has no checkpoint yet; starting it again", flush=True)
+    else:
+        sim = find_sim(args.sim) if args.sim else None
+        cfg = load_config(sim, list(args.set or []), args.seed)
+        plan = dfkd.prepare(cfg)  # every check runs before the run directory exists
+        run_dir = create_run_dir(args.out or default_out(sim or "dfkd"))
+        write_atomic(run_dir / "config.toml", cfg.to_toml())
+    epochs, teacher_epochs = cfg.int("dfkd.epochs"), cfg.int("dfkd.teacher-epochs")
     print(f"fedkd dfkd: {cfg.str('dfkd.teacher')} -> {cfg.str('dfkd.student')} on {cfg.str('dataset.name')}, "
           f"preset {cfg.str('synthesis.preset')}, rule {cfg.str('distill.rule')}, {plan.device} -> {run_dir}", flush=True)  # fmt: skip
-    teacher = dfkd.obtain_teacher(plan, run_dir.parent)
+    t_teacher = time.perf_counter()
+
+    def teacher_line(epoch: int, loss: float) -> None:
+        print(f"teacher epoch {epoch:>3}/{teacher_epochs}  train loss {loss:.4f}  "
+              f"{time.perf_counter() - t_teacher:.1f}s", flush=True)  # fmt: skip
+
+    teacher = dfkd.obtain_teacher(plan, dfkd.cache_dir(cfg, run_dir), teacher_line)
     print(
         f"teacher accuracy {teacher.accuracy:.4f} ({teacher.source}: {teacher.path}, {teacher.seconds:.1f}s)",
         flush=True,
     )
     summary = dfkd.distill(
-        plan, run_dir, teacher, lambda row: print(dfkd.format_epoch(row, epochs), flush=True), started
+        plan, run_dir, teacher, lambda row: print(dfkd.format_epoch(row, epochs), flush=True), started, resume
     )
+    warn = f"; WARNING: {summary['collapse_epochs']} epochs looked collapsed" if summary["collapse_epochs"] else ""
     print(
         f"done in {summary['wall_seconds']:.1f}s: student final {summary['student_final_accuracy']:.4f}, "
-        f"best {summary['student_best_accuracy']:.4f}, teacher {summary['teacher_accuracy']:.4f}; results in {run_dir}",
+        f"best {summary['student_best_accuracy']:.4f}, teacher {summary['teacher_accuracy']:.4f}{warn}; "
+        f"results in {run_dir}",
         flush=True,
     )
     return EXIT_OK
@@ -314,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     d.add_argument("--out", help="run directory (must not hold a run; default: runs/<sim>-<time>)")
     d.add_argument("--seed", type=int, help="master seed")
+    d.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint")
     d.set_defaults(func=cmd_dfkd)
     return p
 

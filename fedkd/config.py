@@ -107,20 +107,26 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("dfkd.teacher-batch-size", 64, "Batch size of teacher training.", check=_pos, requirement="≥ 1"),
     Key("dfkd.epochs", 20, "Distillation epochs (the student is evaluated after each).", check=_pos, requirement="≥ 1"),
     Key("dfkd.iterations", 50, "Generator steps per distillation epoch.", check=_pos, requirement="≥ 1"),
+    Key("dfkd.teacher-cache", "", "Directory of the teacher cache, shared by every run that names it; empty: the run directory's parent."),
+    Key("dfkd.collapse-entropy", 0.5, "Warn of generator collapse when the teacher's batch-mean prediction on a probe batch has an entropy under this fraction of log C (0: never).",
+        check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),  # fmt: skip
+    Key("dfkd.collapse-diversity", 0.1, "Warn of generator collapse when the probe batch's mean pairwise distance falls under this fraction of a real test batch's (0: never).",
+        check=_nonneg, requirement="≥ 0"),  # fmt: skip
     Key("dfkd.threads", 0, "torch CPU threads of `fedkd dfkd` (0: torch's default; 1 is fastest on shared cores).", check=_nonneg, requirement="≥ 0"),
     Key("generator.name", "image", "Registered generator; its parameters are generator.<name>.<param>."),
-    Key("synthesis.preset", "dfad", "Generator objective preset: dafl, dfad, adi, lra (PAPERS.md), none (no term) or one a strategy registers."),
+    Key("synthesis.preset", "dfad", "Generator objective preset: dafl, dfad, adi, lra (PAPERS.md), lra-official (LRA's code: ie in log10, adv js-lra), none (no term) or one a strategy registers."),
     Key("synthesis.weights", "", "Term weight overrides on top of the preset, e.g. 'adv=1,div=0.5' (terms: oh, ie, act, bn, adv, div)."),
-    Key("synthesis.adv-metric", "preset", "Disagreement of the adv term: l1 (DFAD), js (1 − JS, LRA) or the preset's.",
-        choices=("preset", "l1", "js")),  # fmt: skip
+    Key("synthesis.adv-metric", "preset", "Disagreement of the adv term: l1 (DFAD), js (1 − JS in nats, batch mean), js-lra (the official LRA code's 1 − JS: clamped probabilities, KL(m‖·), mean over batch × classes) or the preset's.",
+        choices=("preset", "l1", "js", "js-lra")),  # fmt: skip
     Key("synthesis.temperature", 3.0, "Temperature of the JS adv term.", check=_pos, requirement="> 0"),
     Key("synthesis.lr", 1e-3, "Adam learning rate of the generator.", check=_pos, requirement="> 0"),
     Key("synthesis.batch-size", 256, "Pseudo-samples per generator step and per student step.", check=_pos, requirement="≥ 1"),
-    Key("distill.rule", "plain", "Student update rule: plain (DFAD), replay (MB-DFKD) or lra (retain while acquiring).",
-        choices=("plain", "replay", "lra")),  # fmt: skip
+    Key("distill.rule", "plain", "Student update rule: plain (DFAD), replay (MB-DFKD), lra (retain while acquiring, the meta-gradient intact) or lra-official (the official LRA code's step: replay, its meta-gradient lost).",
+        choices=("plain", "replay", "lra", "lra-official")),  # fmt: skip
     Key("distill.lra-order", "second-order", "LRA meta-gradient: through θ' (second-order) or taken at θ' (first-order).",
         choices=("second-order", "first-order")),  # fmt: skip
     Key("distill.lra-alpha", 0.9, "LRA acquisition step size α.", check=_pos, requirement="> 0"),
+    Key("distill.lra-beta", 1.0, "LRA retention weight β (the weight of L(θ'; x_mem)); 0: replay.", check=_nonneg, requirement="≥ 0"),
     Key("distill.loss", "l1", "KD loss of the student: l1 (logits), kl (·T²), ce (soft-target cross-entropy, ·T²) or js.",
         choices=("l1", "kl", "ce", "js")),  # fmt: skip
     Key("distill.loss-reduction", "auto", "Reduction of the KD loss: batchmean (sum over classes, mean over the batch), mean (over batch × classes: batchmean / C) or auto (l1: mean; kl, ce, js: batchmean).",
@@ -128,10 +134,15 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("distill.temperature", 1.0, "Temperature of the kl / js KD loss.", check=_pos, requirement="> 0"),
     Key("distill.steps", 5, "Student steps per generator step (k).", check=_pos, requirement="≥ 1"),
     Key("distill.lr", 0.01, "SGD learning rate of the student.", check=_pos, requirement="> 0"),
+    Key("distill.lr-schedule", "constant", "Student learning-rate schedule over the epochs of `fedkd dfkd`: constant or cosine (annealed to 0, stepped per epoch, as LRA's code).",
+        choices=("constant", "cosine")),  # fmt: skip
     Key("distill.momentum", 0.9, "SGD momentum of the student.", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
     Key("distill.weight-decay", 5e-4, "SGD weight decay of the student.", check=_nonneg, requirement="≥ 0"),
     Key("distill.memory-capacity", 640, "Memory buffer size in samples (replay, lra); 0: no memory.", check=_nonneg, requirement="≥ 0"),
     Key("distill.memory-push-every", 25, "Student steps between two pushes to the memory.", check=_pos, requirement="≥ 1"),
+    Key("distill.memory-push-epochs", 0, "Push to the memory at the end of epochs 1, 1 + N, 1 + 2N, … of `fedkd dfkd` instead of every memory-push-every steps (LRA's code: every 5 epochs); 0: by steps.", check=_nonneg, requirement="≥ 0"),
+    Key("distill.replay-mode", "samples", "What one replay draws from the memory: samples (replay-fraction of the batch, at random across pushes) or batch (one whole stored push, as LRA's and MB-DFKD's code).",
+        choices=("samples", "batch")),  # fmt: skip
     Key("distill.replay-fraction", 0.125, "Fraction of a batch pushed to, and replayed from, the memory.",
         check=lambda v: 0 < v <= 1, requirement="in (0, 1]"),  # fmt: skip
 )  # fmt: skip

@@ -1,14 +1,22 @@
 """Centralized data-free KD, the study behind ``fedkd dfkd``.
 
 A teacher is trained on the real training split (or loaded: from ``dfkd.teacher-checkpoint``,
-or from a cache in the run directory's parent keyed by everything that shapes it). Then a
-student learns from it on generator samples only: each iteration is one generator step
-(:class:`~fedkd.synthesis.Synthesizer`) and ``distill.steps`` student steps
-(:class:`~fedkd.distill.StudentUpdater`, rule ``plain`` / ``replay`` / ``lra``). The student
-is evaluated on the held-out test split after every epoch.
+or from a cache keyed by everything that shapes it, in ``dfkd.teacher-cache`` or the run
+directory's parent). Then a student learns from it on generator samples only: each
+iteration is one generator step (:class:`~fedkd.synthesis.Synthesizer`) and
+``distill.steps`` student steps (:class:`~fedkd.distill.StudentUpdater`, rule ``plain`` /
+``replay`` / ``lra`` / ``lra-official``). The student is evaluated on the held-out test
+split after every epoch.
+
+Every epoch also measures the generator on a fixed probe batch: ``class_entropy``, the
+entropy of the teacher's batch-mean prediction as a fraction of ``log C`` (1: every class
+equally often), and ``diversity``, the batch's mean pairwise distance as a fraction of a
+real test batch's. Either under its threshold (``dfkd.collapse-*``) flags the epoch as a
+likely generator collapse, on the progress line and in ``summary.json``.
 
 A run directory gets ``config.toml`` (written by the CLI), ``metrics.jsonl`` (one row per
-epoch), ``summary.json``, ``accuracy.png`` and ``samples.png``.
+epoch), ``checkpoint-<epoch>.pt`` (every ``checkpoint.every`` epochs, for ``fedkd dfkd
+--resume``), ``summary.json``, ``accuracy.png`` and ``samples.png``.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
+from fedkd import checkpoint as ckpt
 from fedkd.config import Config
 from fedkd.data import Dataset, load_dataset
 from fedkd.distill import MemoryBuffer, StudentUpdater, build_rule, kd_loss
@@ -41,7 +51,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "fedkd-teacher/1"
 # Seed streams derived from (seed, _STREAM, what): one per source of randomness.
 _STREAM = 0xDF
-_TEACHER_INIT, _STUDENT_INIT, _GENERATOR_INIT, _NOISE, _MEMORY, _TEACHER_TRAIN = range(1, 7)
+_TEACHER_INIT, _STUDENT_INIT, _GENERATOR_INIT, _NOISE, _MEMORY, _TEACHER_TRAIN, _PROBE = range(1, 8)
+PROBE_SIZE = 64
 
 
 @dataclass
@@ -130,15 +141,25 @@ def prepare(cfg: Config) -> DFKDPlan:
     )
 
     rule_name = cfg.str("distill.rule")
-    rule = build_rule(rule_name, order=cfg.str("distill.lra-order"), alpha=cfg.float("distill.lra-alpha"))
+    rule = build_rule(
+        rule_name,
+        order=cfg.str("distill.lra-order"),
+        alpha=cfg.float("distill.lra-alpha"),
+        retention_weight=cfg.float("distill.lra-beta"),
+    )
     memory = None
     if rule.uses_memory:
         capacity = cfg.int("distill.memory-capacity")
         if capacity < 1:
             raise ConfigError(f"distill.memory-capacity must be ≥ 1 with distill.rule = {rule_name!r}, got {capacity}")
+        push_every = 0 if cfg.int("distill.memory-push-epochs") > 0 else cfg.int("distill.memory-push-every")
         memory = MemoryBuffer(
-            capacity, cfg.int("distill.memory-push-every"), cfg.float("distill.replay-fraction"), _seed(cfg, _MEMORY)
-        )
+            capacity, push_every, cfg.float("distill.replay-fraction"), _seed(cfg, _MEMORY),
+            mode=cfg.str("distill.replay-mode"),
+        )  # fmt: skip
+    cache = cfg.str("dfkd.teacher-cache")
+    if cache and Path(cache).exists() and not Path(cache).is_dir():
+        raise ConfigError(f"dfkd.teacher-cache: {cache!r} exists and is not a directory")
     loss = kd_loss(cfg.str("distill.loss"), cfg.float("distill.temperature"), cfg.str("distill.loss-reduction"))
     updater = StudentUpdater(rule, loss, memory)
 
@@ -236,8 +257,20 @@ def teacher_cache_path(cfg: Config, ds: Dataset, cache_dir: Path) -> Path:
     return cache_dir / f"teacher-{ds.name}-{cfg.str('dfkd.teacher')}-{digest}.pt"
 
 
-def obtain_teacher(plan: DFKDPlan, cache_dir: Path | None) -> TeacherInfo:
-    """Make ``plan.teacher`` ready: the explicit checkpoint, else the cache, else train (and cache) it."""
+def cache_dir(cfg: Config, run_dir: Path | None) -> Path | None:
+    """Where the teacher cache lives: ``dfkd.teacher-cache``, else the run directory's parent."""
+    if cfg.str("dfkd.teacher-cache"):
+        return Path(cfg.str("dfkd.teacher-cache"))
+    return run_dir.parent if run_dir is not None else None
+
+
+def obtain_teacher(
+    plan: DFKDPlan, cache_dir: Path | None, on_epoch: Callable[[int, float], None] | None = None
+) -> TeacherInfo:
+    """Make ``plan.teacher`` ready: the explicit checkpoint, else the cache, else train (and cache) it.
+
+    ``on_epoch(epoch, loss)`` reports each epoch of teacher training (progress lines).
+    """
     cfg, ds, teacher = plan.cfg, plan.dataset, plan.teacher
     arch = cfg.str("dfkd.teacher")
     t = time.perf_counter()
@@ -256,10 +289,16 @@ def obtain_teacher(plan: DFKDPlan, cache_dir: Path | None) -> TeacherInfo:
                 epochs=cfg.int("dfkd.teacher-epochs"), batch_size=cfg.int("dfkd.teacher-batch-size"),
                 lr=cfg.float("dfkd.teacher-lr"), momentum=cfg.float("dfkd.teacher-momentum"),
             )  # fmt: skip
-            train_local(teacher, ds.x_train, ds.y_train, tc, _seed(cfg, _TEACHER_TRAIN), plan.device)
+            train_local(
+                teacher, ds.x_train, ds.y_train, tc, _seed(cfg, _TEACHER_TRAIN), plan.device, on_epoch=on_epoch
+            )
     _, acc = evaluate(teacher, ds.x_test, ds.y_test, cfg.int("eval.batch-size"), plan.device)
     if source == "trained" and path is not None:
-        save_teacher(path, teacher, arch, ds, acc)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_teacher(path, teacher, arch, ds, acc)
+        except OSError as e:
+            log.warning("could not cache the teacher in %s (%s)", path.parent, e.strerror)
     teacher.eval().requires_grad_(False)
     return TeacherInfo(acc, source, path, time.perf_counter() - t)
 
@@ -276,18 +315,69 @@ def _means(rows: list[dict[str, float]], prefix: str) -> dict[str, float]:
     return out
 
 
+def mean_pairwise_distance(x: Tensor) -> float:
+    """Mean Euclidean distance between the samples of a batch, per input element (RMS units)."""
+    flat = x.detach().flatten(1).float()
+    return float(torch.pdist(flat).mean()) / math.sqrt(flat.shape[1]) if len(flat) > 1 else 0.0
+
+
+class CollapseProbe:
+    """Measures a generator on a fixed probe batch without touching it (no noise drawn from the
+    synthesizer's stream, no BatchNorm statistics updated).
+
+    ``class_entropy``: entropy of the teacher's batch-mean softmax over ``log C``;
+    ``diversity``: :func:`mean_pairwise_distance` of the probe samples over that of
+    ``real`` (a batch of real inputs, the reference scale).
+    """
+
+    def __init__(self, synthesizer: Synthesizer, real: Tensor, seed: int, n: int = PROBE_SIZE) -> None:
+        rng = torch.Generator().manual_seed(seed)
+        self.z = torch.randn(n, synthesizer.latent_dim, generator=rng).to(synthesizer.device)
+        self.y = (torch.arange(n) % synthesizer.num_classes).to(synthesizer.device) if synthesizer.conditional else None
+        self.synthesizer = synthesizer
+        self.reference = max(mean_pairwise_distance(real[:n]), 1e-12)
+
+    @torch.no_grad()
+    def measure(self, teacher: nn.Module) -> dict[str, float]:
+        gen = self.synthesizer.generator
+        state = {k: v.clone() for k, v in gen.state_dict(keep_vars=False).items()}
+        x = torch.func.functional_call(gen, state, (self.z, self.y))  # train mode, on copies of the buffers
+        p = torch.softmax(teacher(x), 1).mean(0)
+        entropy = float(-(p * p.clamp_min(1e-12).log()).sum()) / math.log(p.numel())
+        return {"class_entropy": entropy, "diversity": mean_pairwise_distance(x) / self.reference}
+
+
+def collapsed(row: Mapping[str, Any], cfg: Config) -> bool:
+    """Whether an epoch's probe statistics are under the collapse thresholds."""
+    return bool(
+        row.get("class_entropy", 1.0) < cfg.float("dfkd.collapse-entropy")
+        or row.get("diversity", 1.0) < cfg.float("dfkd.collapse-diversity")
+    )
+
+
+def student_lr(cfg: Config, epoch: int) -> float:
+    """The student's learning rate in ``epoch`` (from 1): constant, or cosine-annealed toward 0
+    over ``dfkd.epochs`` (``CosineAnnealingLR(T_max = epochs)`` stepped after each epoch)."""
+    lr = cfg.float("distill.lr")
+    if cfg.str("distill.lr-schedule") == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / cfg.int("dfkd.epochs")))
+    return lr
+
+
 def distill(
     plan: DFKDPlan,
     run_dir: Path | None,
     teacher: TeacherInfo,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     started: float | None = None,
+    resume: ckpt.Resume | None = None,
 ) -> dict[str, Any]:
     """Distill ``plan.teacher`` into ``plan.student`` data-free; return the summary.
 
-    Writes ``metrics.jsonl`` (per epoch), ``summary.json``, ``accuracy.png`` and
+    Writes ``metrics.jsonl`` (per epoch), checkpoints, ``summary.json``, ``accuracy.png`` and
     ``samples.png`` into ``run_dir`` (nothing when ``run_dir`` is ``None``). ``started``
-    is the ``time.perf_counter()`` of the whole command, for ``wall_seconds``.
+    is the ``time.perf_counter()`` of the whole command, for ``wall_seconds``. With
+    ``resume`` (a checkpoint of this run) the loop continues after its epoch, bit for bit.
     """
     cfg, ds, device = plan.cfg, plan.dataset, plan.device
     started = time.perf_counter() if started is None else started
@@ -296,25 +386,53 @@ def distill(
                           weight_decay=cfg.float("distill.weight-decay"))  # fmt: skip
     source = synth.source()
     epochs, iterations, steps = cfg.int("dfkd.epochs"), cfg.int("dfkd.iterations"), cfg.int("distill.steps")
+    push_epochs = cfg.int("distill.memory-push-epochs")
+    every, keep = cfg.int("checkpoint.every"), cfg.int("checkpoint.keep")
+    probe = CollapseProbe(synth, ds.x_test[:PROBE_SIZE].to(device), _seed(cfg, _PROBE))
     recorder = RunRecorder(run_dir, on_round=on_epoch)
-    t_distill = time.perf_counter()
-    best = -1.0
-    for epoch in range(1, epochs + 1):
+    best, first, spent = -1.0, 1, 0.0
+    if resume is not None:
+        state = resume.payload
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        synth.load_state_dict(state["synthesizer"])
+        if updater.memory is not None:
+            updater.memory.load_state_dict(state["memory"])
+        ckpt.set_rng_state(state["rng"])
+        recorder.restore(state["rows"])
+        best, first, spent = float(state["best"]), resume.round + 1, float(state["distill_seconds"])
+    t_distill = time.perf_counter() - spent
+    for epoch in range(first, epochs + 1):
         t = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = student_lr(cfg, epoch)
         student.train()
         g_rows, s_rows = [], []
         for _ in range(iterations):
             g_rows.append(synth.step(plan.teacher, student))
             s_rows.append(updater.run(student, plan.teacher, opt, source, steps))
+        if push_epochs and (epoch - 1) % push_epochs == 0:
+            updater.push_last()
         loss, acc = evaluate(student, ds.x_test, ds.y_test, cfg.int("eval.batch-size"), device)
         best = max(best, acc)
         row: dict[str, Any] = {"round": epoch, "epoch": epoch, "accuracy": acc, "loss": loss, "best_accuracy": best}
         row.update(_means(g_rows, ""))
         row.update(_means(s_rows, "s_"))
         row["memory"] = len(updater.memory) if updater.memory is not None else 0
+        row["lr"] = opt.param_groups[0]["lr"]
+        row.update(probe.measure(plan.teacher))
+        row["collapse"] = collapsed(row, cfg)
         row["seconds"] = time.perf_counter() - t
         row["elapsed"] = time.perf_counter() - started
         recorder.record(row)
+        if run_dir is not None and every and (epoch % every == 0 or epoch == epochs):
+            payload = {
+                "student": student.state_dict(), "optimizer": opt.state_dict(), "synthesizer": synth.state_dict(),
+                "memory": updater.memory.state_dict() if updater.memory is not None else {},
+                "rng": ckpt.rng_state(), "rows": recorder.rows, "best": best,
+                "distill_seconds": time.perf_counter() - t_distill,
+            }  # fmt: skip
+            ckpt.save(run_dir, epoch, payload, keep)
     student.train()
     accs = np.array([r["accuracy"] for r in recorder.rows], dtype=float)
     tail = accs[len(accs) // 2 :]
@@ -341,6 +459,10 @@ def distill(
         "mean_accuracy_second_half": float(tail.mean()),
         "var_accuracy_second_half": float(tail.var()),
         "final_over_teacher": float(accs[-1] / teacher.accuracy) if teacher.accuracy > 0 else None,
+        "collapse_epochs": sum(bool(r.get("collapse")) for r in recorder.rows),
+        "final_class_entropy": recorder.rows[-1].get("class_entropy"),
+        "final_diversity": recorder.rows[-1].get("diversity"),
+        "resumed": resume is not None,
         "distill_seconds": distill_seconds,
         "seconds_per_epoch": distill_seconds / epochs,
         "wall_seconds": time.perf_counter() - started,
@@ -360,7 +482,12 @@ def format_epoch(row: Mapping[str, Any], total: int) -> str:
             parts.append(f"{label} {row[key]:.4f}")
     if row.get("memory"):
         parts.append(f"mem {row['memory']}")
+    if row.get("class_entropy") is not None:
+        parts.append(f"classes {row['class_entropy']:.2f}  div {row['diversity']:.2f}")
     parts.append(f"{row['seconds']:.1f}s")
+    if row.get("collapse"):
+        parts.append("WARNING: the generator may have collapsed (classes: entropy of the teacher's mean "
+                     "prediction / log C; div: spread of the samples / a real batch's)")  # fmt: skip
     return "  ".join(parts)
 
 
@@ -414,8 +541,8 @@ def plot_samples(plan: DFKDPlan, path: Path, n: int = 64) -> None:
 
 
 def run(cfg: Config, run_dir: Path | None, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Prepare, obtain the teacher (cache in ``run_dir.parent``) and distill; the summary."""
+    """Prepare, obtain the teacher (see :func:`cache_dir`) and distill; the summary."""
     started = time.perf_counter()
     plan = prepare(cfg)
-    info = obtain_teacher(plan, run_dir.parent if run_dir is not None else None)
+    info = obtain_teacher(plan, cache_dir(cfg, run_dir))
     return distill(plan, run_dir, info, on_epoch, started)

@@ -12,7 +12,12 @@ steps under an :class:`UpdateRule`:
 * ``lra`` ("Learning to Retain while Acquiring", Patel et al. CVPR 2023): acquisition
   ``θ' = θ − α ∇L(θ; x_new)``, retention ``L(θ'; x_mem)``, outer step on
   ``∇θ [β L(θ'; x_mem) + L(θ; x_new ∪ x_mem)]``; ``second-order`` differentiates through
-  ``θ'`` (``create_graph``), ``first-order`` applies the gradient taken at ``θ'`` to ``θ``.
+  ``θ'`` (``create_graph``), ``first-order`` applies the gradient taken at ``θ'`` to ``θ``;
+* ``lra-official``: what the official LRA code's student step computes. Its retention loss
+  is taken through ``higher.innerloop_ctx`` with the default ``copy_initial_weights=True``,
+  so that gradient reaches a detached copy and never the student: the step is replay's,
+  ``∇θ L(θ; x_new ∪ x_mem)``. Use it with LRA's memory schedule (one stored batch replayed
+  per step, ``MemoryBuffer(mode="batch")``) to reproduce the paper's runs.
 
 Rules work on functional parameters (:func:`torch.func.functional_call`), so they apply to
 any registered model, BatchNorm included, and the retention gradient really reaches the
@@ -251,6 +256,9 @@ def teacher_logits(teacher: nn.Module, x: Tensor, y: Tensor | None = None) -> Te
 # --------------------------------------------------------------------------- memory
 
 
+REPLAY_MODES: tuple[str, ...] = ("samples", "batch")
+
+
 class MemoryBuffer:
     """A FIFO memory of past pseudo-samples (MB-DFKD, LRA), optionally with the targets the
     teacher of their time gave them.
@@ -265,6 +273,10 @@ class MemoryBuffer:
     Each stored sample keeps its label (or none), its teacher ``targets`` (logits, when
     pushed with them) and a ``tag`` (e.g. the round it was pushed in).
 
+    Replay ``mode``: ``"samples"`` draws ``⌈fraction · B⌉`` stored samples at random, across
+    pushes; ``"batch"`` replays one whole stored push, chosen at random (LRA's and MB-DFKD's
+    ``ReplayMemory.sample_batch``: a list of pushed batches and ``random.choice``).
+
     Parameters
     ----------
     capacity : int
@@ -275,15 +287,22 @@ class MemoryBuffer:
         Fraction of a batch pushed, and replayed per step, in ``(0, 1]``.
     seed : int
         Seed of the buffer's own random stream (which samples are pushed and replayed).
+    mode : {"samples", "batch"}
+        What one replay draws (see above).
     """
 
-    def __init__(self, capacity: int, push_every: int = 1, fraction: float = 0.125, seed: int = 0) -> None:
+    def __init__(
+        self, capacity: int, push_every: int = 1, fraction: float = 0.125, seed: int = 0, mode: str = "samples"
+    ) -> None:
         if capacity < 1:
             raise ConfigError(f"memory capacity must be ≥ 1, got {capacity}")
         if push_every < 0:
             raise ConfigError(f"memory push period must be ≥ 0, got {push_every}")
         if not 0 < fraction <= 1:
             raise ConfigError(f"memory replay fraction must be in (0, 1], got {fraction}")
+        if mode not in REPLAY_MODES:
+            raise ConfigError(f"memory replay mode must be one of {', '.join(REPLAY_MODES)}; got {mode!r}")
+        self.mode = mode
         self.capacity = capacity
         self.push_every = push_every
         self.fraction = fraction
@@ -292,6 +311,8 @@ class MemoryBuffer:
         self._y: Tensor | None = None
         self._t: Tensor | None = None
         self._tag: Tensor | None = None
+        self._push: Tensor | None = None  # the index of the push each sample came with
+        self._pushes = 0
         self._seen = 0
 
     def __len__(self) -> int:
@@ -305,12 +326,20 @@ class MemoryBuffer:
     def state_dict(self) -> dict[str, Any]:
         """Stored samples, targets, tags, push counter and random stream (for checkpoints)."""
         return {"x": self._x, "y": self._y, "t": self._t, "tag": self._tag, "seen": self._seen,
-                "rng": self._rng.get_state()}  # fmt: skip
+                "push": self._push, "pushes": self._pushes, "rng": self._rng.get_state()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._x, self._y, self._seen = state["x"], state["y"], int(state["seen"])
         self._t, self._tag = state.get("t"), state.get("tag")
+        self._push, self._pushes = state.get("push"), int(state.get("pushes", 0))
+        if self._x is not None and self._push is None:  # a checkpoint from before push indices
+            self._push = torch.zeros(len(self._x), dtype=torch.long)
         self._rng.set_state(state["rng"])
+
+    @property
+    def batches(self) -> int:
+        """Pushes (whole or in part) still held."""
+        return 0 if self._push is None else int(self._push.unique().numel())
 
     def chunk(self, batch_size: int) -> int:
         """Samples pushed or replayed for a batch of ``batch_size``."""
@@ -328,6 +357,8 @@ class MemoryBuffer:
             if (self._t is None) != (targets is None):
                 raise ValueError("a memory buffer holds targets for all its samples or for none")
         tags = torch.full((len(x),), int(tag), dtype=torch.long)
+        self._push = self._keep(self._push, torch.full((len(x),), self._pushes, dtype=torch.long))
+        self._pushes += 1
         self._x = self._keep(self._x, x)
         self._y = None if y is None else self._keep(self._y, y)
         self._t = None if targets is None else self._keep(self._t, targets)
@@ -356,7 +387,13 @@ class MemoryBuffer:
         ``targets`` is ``None`` when the samples were pushed without them."""
         if self._x is None:
             return None
-        idx = self._pick(len(self._x), min(self.chunk(batch_size), len(self._x))).to(self._x.device)
+        if self.mode == "batch":
+            assert self._push is not None
+            ids = self._push.unique()
+            chosen = ids[int(torch.randint(len(ids), (1,), generator=self._rng))]
+            idx = torch.nonzero(self._push == chosen).flatten().to(self._x.device)
+        else:
+            idx = self._pick(len(self._x), min(self.chunk(batch_size), len(self._x))).to(self._x.device)
         y = None if self._y is None else self._y[idx]
         return self._x[idx], y, None if self._t is None else self._t[idx]
 
@@ -521,6 +558,45 @@ class LRARule(UpdateRule):
         return grads, {"kd_loss": float(acq.detach()), "ret_loss": float(ret.detach())}
 
 
+@UPDATE_RULES.register("lra-official")
+class LRAOfficialRule(ReplayRule):
+    """The student step of the official LRA code (gaurav104/LRA, ``predfkd_meta_memory.py``,
+    ``distill_knowledge_meta7``), gradient for gradient.
+
+    The code adapts a functional copy ``θ' = θ − α ∇L(θ; x_new)`` (``higher.innerloop_ctx``),
+    evaluates the retention loss ``L(θ'; x_mem)`` and back-propagates it together with
+    ``L(θ; x_new ∪ x_mem)``. With ``higher``'s default ``copy_initial_weights=True`` the copy's
+    initial weights are detached from the student, so only the second loss reaches θ: the
+    update is :class:`ReplayRule`'s. This rule computes that update and reports the retention
+    loss the official code logs (``ret_loss``, at ``θ'`` by a plain SGD step of size ``alpha``;
+    the official inner optimizer also has momentum 0.9 and weight decay 5e-4, which on a
+    fresh ``innerloop_ctx`` only add ``α · 5e-4 · θ`` to the step). Nothing of ``ret_loss``
+    reaches the parameters, exactly as in the paper's code.
+
+    What distinguishes the paper's runs from MB-DFKD's replay is therefore the memory
+    schedule (one batch of ``B/8`` pushed every 5 epochs, 10 kept, one whole stored batch
+    replayed per step): build the memory with ``mode="batch"``.
+    """
+
+    def __init__(self, alpha: float = 0.9) -> None:
+        if alpha <= 0 or not math.isfinite(alpha):
+            raise ConfigError(f"LRA alpha must be > 0, got {alpha}")
+        self.alpha = alpha
+
+    def gradients(
+        self, student: nn.Module, params: Params, loss_fn: LossFn, new: Batch, mem: Batch | None
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        grads, stats = super().gradients(student, params, loss_fn, new, mem)
+        if mem is None:
+            return grads, {**stats, "ret_loss": math.nan}
+        leaves = list(params.values())
+        g_new = param_grads(functional_loss(student, params, loss_fn, new), leaves)
+        with torch.no_grad():
+            adapted = {n: p - self.alpha * g for (n, p), g in zip(params.items(), g_new, strict=True)}
+            ret = functional_loss(student, adapted, loss_fn, mem)
+        return grads, {**stats, "ret_loss": float(ret)}
+
+
 # --------------------------------------------------------------------------- the student update API
 
 
@@ -557,6 +633,8 @@ class StudentUpdater:
         self.stored_targets = stored_targets
         #: a tag for the samples this updater pushes to the memory (e.g. the current round)
         self.tag = 0
+        #: the last fresh batch stepped on: ``(x, y, teacher logits)`` (see :meth:`push_last`)
+        self.last: tuple[Tensor, Tensor | None, Tensor] | None = None
 
     def batches(self, teacher: nn.Module, x: Tensor, y: Tensor | None = None) -> tuple[Batch, Batch | None]:
         """The fresh batch with the teacher's logits, and a replayed memory batch (or ``None``).
@@ -607,8 +685,19 @@ class StudentUpdater:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if self.memory is not None:
+            self.last = (x, y, new.target)
             self.memory.observe(x, y, new.target if self.stored_targets else None, self.tag)
         return stats
+
+    def push_last(self) -> bool:
+        """Push a chunk of the last fresh batch to the memory, off the step schedule (e.g. once
+        every few epochs, as LRA's code does); returns whether anything was pushed."""
+        if self.memory is None or self.last is None:
+            return False
+        x, y, t = self.last
+        idx = self.memory._pick(len(x), self.memory.chunk(len(x))).to(x.device)
+        self.memory.push(x[idx], None if y is None else y[idx], t[idx] if self.stored_targets else None, self.tag)
+        return True
 
     def run(
         self, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, source: BatchSource, steps: int

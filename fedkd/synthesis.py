@@ -10,7 +10,7 @@ The generator's loss is a weighted sum of named terms (a zero weight skips a ter
 * ``bn``: DeepInversion's ``Σ_layers ‖μ_batch − μ_run‖₂ + ‖σ²_batch − σ²_run‖₂`` over the
   teacher's BatchNorm layers, collected by forward hooks that are always removed;
 * ``adv``: student–teacher disagreement, maximized: ``−L1(logits)`` (DFAD, ZSKT) or
-  ``1 − JS`` at temperature T (LRA, ADI);
+  ``1 − JS`` at temperature T (LRA, ADI), or ``1 − js_lra`` (the LRA code's scaling);
 * ``div``: diversity, bounded in ``(0, 1]``: ``exp(−mean_{i,j} d_z(i, j) · d_x(i, j))`` over all
   pairs of the batch, ``d_x`` the mean absolute difference of the samples and ``d_z`` the
   mean squared difference of their noise (the form of the official FedGen and FedFTG code);
@@ -18,7 +18,8 @@ The generator's loss is a weighted sum of named terms (a zero weight skips a ter
 
 Presets (``PRESETS``): ``dafl`` = oh 1 + ie 5 + act 0.1; ``dfad`` = adv (L1) 1;
 ``adi`` = bn 1 + oh 1 + adv (JS) 1; ``lra`` = oh 1 + ie 5 + act 0.1 + adv (1 − JS, T = 3) 1;
-``none`` has no term (give them with ``synthesis.weights``).
+``lra-official`` = the same terms scaled as LRA's code computes them (ie in log10: 5 / ln 10;
+adv ``js-lra``, about JS / C); ``none`` has no term (give them with ``synthesis.weights``).
 
 A teacher is any classifier: one model, or an :class:`~fedkd.distill.EnsembleTeacher`;
 for a feature-space generator (FedGen) it is a classifier head or an ensemble of heads.
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 TERMS: tuple[str, ...] = ("oh", "ie", "act", "bn", "adv", "div")
 Noise = tuple[Tensor, Tensor | None]
 """``(z, y)``: a batch of generator noise and its labels (``None`` for an unconditional generator)."""
-ADV_METRICS: tuple[str, ...] = ("l1", "js")
+ADV_METRICS: tuple[str, ...] = ("l1", "js", "js-lra")
 
 
 # --------------------------------------------------------------------------- the terms
@@ -77,7 +78,8 @@ def adv_loss(
 
     ``l1``: ``−mean_b w_b · mean_c |s − t|`` (DFAD; FedFTG's hard-sample mining, with ``w``
     the teacher's share of each sample's class). ``js``: ``1 − mean_b w_b · JS_b`` with
-    ``JS_b = JS(softmax(s/T) ‖ softmax(t/T))`` (LRA). ``weight=None``: every ``w_b = 1``.
+    ``JS_b = JS(softmax(s/T) ‖ softmax(t/T))`` (in nats). ``js-lra``: the official LRA code's
+    form (:func:`js_lra`), about ``JS / C``. ``weight=None``: every ``w_b = 1``.
     """
     if metric == "l1":
         per = (student - teacher).abs().mean(1)
@@ -86,7 +88,26 @@ def adv_loss(
         if weight is None:
             return 1.0 - js_divergence(student, teacher, temperature)
         return 1.0 - (weight * js_divergence(student, teacher, temperature, reduction="none")).mean()
+    if metric == "js-lra":
+        return 1.0 - js_lra(student, teacher, temperature, weight)
     raise ConfigError(f"unknown adversarial metric {metric!r}; valid: {', '.join(ADV_METRICS)}")
+
+
+def js_lra(student: Tensor, teacher: Tensor, temperature: float = 3.0, weight: Tensor | None = None) -> Tensor:
+    """The official LRA code's ``JS_divergence`` (``src/graphs/losses/kd_losses.py``), clamped to ``[0, 1]``.
+
+    With ``p, q`` the softmaxes at temperature ``T`` and ``m = (p + q) / 2``, all three clamped
+    to ``[0.01, 0.99]``: ``½ KL(m ‖ p) + ½ KL(m ‖ q)``, each reduced by ``nn.KLDivLoss()``'s
+    default mean over batch × classes, i.e. about ``JS / C`` with the divergence taken from
+    ``m``. ``weight`` (per sample) weighs the batch mean. Symmetric in ``student`` and ``teacher``.
+    """
+    p = F.softmax(student / temperature, 1)
+    q = F.softmax(teacher / temperature, 1)
+    m = (0.5 * (p + q)).clamp(0.01, 0.99)
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+    per = 0.5 * (m * (m.log() - p.log())).mean(1) + 0.5 * (m * (m.log() - q.log())).mean(1)
+    value = per.mean() if weight is None else (weight * per).mean()
+    return value.clamp(0.0, 1.0)
 
 
 def div_loss(x: Tensor, z: Tensor) -> Tensor:
@@ -159,7 +180,7 @@ class Objective:
     ----------
     weights : mapping of str to float
         Weight per term of :data:`TERMS`; terms absent or at 0 are skipped.
-    adv_metric : {"l1", "js"}
+    adv_metric : {"l1", "js", "js-lra"}
     temperature : float
         Temperature of the JS adversarial term (LRA: 3).
     adv_detach : bool
@@ -198,6 +219,12 @@ PRESETS.add("dafl", Objective({"oh": 1.0, "ie": 5.0, "act": 0.1}))
 PRESETS.add("dfad", Objective({"adv": 1.0}, adv_metric="l1"))
 PRESETS.add("adi", Objective({"bn": 1.0, "oh": 1.0, "adv": 1.0}, adv_metric="js"))
 PRESETS.add("lra", Objective({"oh": 1.0, "ie": 5.0, "act": 0.1, "adv": 1.0}, adv_metric="js", temperature=3.0))
+# LRA's code, term for term: its entropy term is Σ p̄ log10 p̄ = −H / ln 10 (ie 5 in log10 is ie 5 / ln 10 in
+# nats; the constant log C of ``ie_loss`` has no gradient) and its JS is :func:`js_lra` (about JS / C).
+PRESETS.add(
+    "lra-official",
+    Objective({"oh": 1.0, "ie": 5.0 / math.log(10.0), "act": 0.1, "adv": 1.0}, adv_metric="js-lra", temperature=3.0),
+)
 PRESETS.add("none", Objective({}))
 
 

@@ -5,6 +5,8 @@ No Flower here: the ClientApp, the tests and the benchmarks call these directly.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -87,10 +89,13 @@ def train_local(
     seed: int,
     device: torch.device | None = None,
     regularizer: Regularizer | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> float:
     """Train ``model`` in place on ``(x, y)``; return the mean training loss.
 
     ``regularizer`` adds a term to each step's loss (e.g. :class:`FedGenRegularizer`).
+    ``on_epoch(epoch, mean_loss)`` is called after each full pass (``epochs`` mode only, not
+    with ``steps``); it sees the model but must not change it.
     """
     device = device or torch.device("cpu")
     model.to(device).train()
@@ -99,6 +104,8 @@ def train_local(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
     total, count = 0.0, 0
+    per_epoch = math.ceil(len(x) / cfg.batch_size) if cfg.steps <= 0 else 0
+    epoch_total, epoch_count = 0.0, 0
     for step, idx in enumerate(batches(len(x), cfg.batch_size, gen, cfg.steps, cfg.epochs)):
         xb, yb = x[idx].to(device), y[idx].to(device)
         logits = model(xb)
@@ -113,6 +120,12 @@ def train_local(
         opt.step()
         total += float(loss.detach()) * len(idx)
         count += len(idx)
+        if on_epoch is not None and per_epoch:
+            epoch_total += float(loss.detach()) * len(idx)
+            epoch_count += len(idx)
+            if (step + 1) % per_epoch == 0:
+                on_epoch((step + 1) // per_epoch, epoch_total / max(epoch_count, 1))
+                epoch_total, epoch_count = 0.0, 0
     return total / max(count, 1)
 
 

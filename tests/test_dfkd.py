@@ -79,6 +79,13 @@ BAD = [
     (["--set", "dfkd.student=vgg"], "dfkd.student: unknown model 'vgg'; valid:"),
     (["--set", "synthesis.preset=adi"], "'bn' needs a teacher with BatchNorm"),
     (["--set", "generator.name=feature"], "needs an input-space generator"),
+    (["--set", "distill.lra-beta=-0.5"], "distill.lra-beta must be ≥ 0"),
+    (["--set", "distill.replay-mode=epoch"], "distill.replay-mode must be one of samples, batch"),
+    (["--set", "distill.lr-schedule=step"], "distill.lr-schedule must be one of constant, cosine"),
+    (["--set", "synthesis.adv-metric=js10"], "synthesis.adv-metric must be one of"),
+    (["--set", "dfkd.collapse-entropy=2"], "dfkd.collapse-entropy must be in [0, 1]"),
+    (["--set", "distill.memory-push-epochs=-1"], "distill.memory-push-epochs must be ≥ 0"),
+    (["--set", "dfkd.teacher-cache=/etc/hostname"], "dfkd.teacher-cache: '/etc/hostname' exists and is not a directory"),
 ]
 
 
@@ -145,7 +152,9 @@ def test_end_to_end_lra_then_cached_teacher(tmp_path: Path, capsys: pytest.Captu
     first = tmp_path / "a"
     assert _dfkd(first, "--set", "distill.rule=lra", "--set", "synthesis.preset=lra") == 0
     out = capsys.readouterr().out
-    assert out.count("epoch ") == 2 and "teacher accuracy" in out
+    lines = out.splitlines()
+    assert sum(ln.startswith("epoch ") for ln in lines) == 2 and "teacher accuracy" in out
+    assert [ln.split()[2] for ln in lines if ln.startswith("teacher epoch")] == ["1/5", "2/5", "3/5", "4/5", "5/5"]
     for name in ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "samples.png"):
         assert (first / name).is_file(), name
     rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
@@ -215,3 +224,80 @@ def test_fedkd_plot_redraws_a_dfkd_run(tmp_path: Path, capsys: pytest.CaptureFix
     capsys.readouterr()
     assert main(["plot", str(run)]) == 0
     assert "accuracy.png" in capsys.readouterr().out
+
+
+def test_teacher_cache_is_shared_by_runs_that_name_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    assert _dfkd(tmp_path / "x" / "a", "--set", f"dfkd.teacher-cache={cache}") == 0
+    assert "teacher epoch   5/5" in capsys.readouterr().out
+    assert len(list(cache.glob("teacher-digits-lenet5-*.pt"))) == 1
+    assert not list((tmp_path / "x").glob("teacher-*.pt")), "the cache is where the key says, not the parent"
+    assert _dfkd(tmp_path / "y" / "b", "--set", f"dfkd.teacher-cache={cache}") == 0
+    out = capsys.readouterr().out
+    assert "teacher epoch" not in out and "(cache: " in out
+    assert json.loads((tmp_path / "y" / "b" / "summary.json").read_text())["teacher_source"] == "cache"
+
+
+def test_collapse_statistics_every_epoch_and_the_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _dfkd(tmp_path / "ok", "--set", "dfkd.collapse-entropy=0", "--set", "dfkd.collapse-diversity=0") == 0
+    rows = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["class_entropy"] <= 1 and r["diversity"] > 0 and r["collapse"] is False for r in rows)
+    assert "WARNING" not in capsys.readouterr().out
+    # a threshold no generator can pass: every epoch is flagged on its progress line and in the summary
+    assert _dfkd(tmp_path / "flagged", "--set", "dfkd.collapse-diversity=1000") == 0
+    out = capsys.readouterr().out
+    epoch_lines = [ln for ln in out.splitlines() if ln.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("WARNING: the generator may have collapsed" in ln for ln in epoch_lines)
+    assert "WARNING: 2 epochs looked collapsed" in out.splitlines()[-1]
+    assert json.loads((tmp_path / "flagged" / "summary.json").read_text())["collapse_epochs"] == 2
+
+
+RESUMABLE = [*FAST, "dfkd.epochs=6", "dfkd.iterations=6", "distill.rule=lra", "distill.lr-schedule=cosine",
+             "distill.replay-mode=batch", "distill.memory-push-epochs=2"]  # fmt: skip
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_metrics(tmp_path: Path) -> None:
+    """A real `fedkd dfkd` process killed with SIGKILL after an epoch's checkpoint, resumed from the CLI."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fedkd = [sys.executable, "-m", "fedkd.cli", "dfkd"]
+    sets = [*_sets(RESUMABLE), "--set", f"dfkd.teacher-cache={tmp_path / 'cache'}"]
+    ref = subprocess.run([*fedkd, "--out", str(tmp_path / "ref"), *sets], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*fedkd, "--out", str(cut), *sets], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (cut / "checkpoint-00003.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (cut / "summary.json").exists()
+    # an option beside --resume is refused, before anything is touched
+    bad = subprocess.run([*fedkd, "--resume", str(cut), "--seed", "2"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --resume takes the run's own config")
+    res = subprocess.run([*fedkd, "--resume", str(cut)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "resuming" in res.stdout and "teacher epoch" not in res.stdout, "the cached teacher is reused"
+    strip = lambda d: [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "elapsed")}  # noqa: E731
+                       for x in (d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    want, got = strip(tmp_path / "ref"), strip(cut)
+    assert len(got) == 6 and got == want
+    assert max(r["memory"] for r in got) > 0, "the memory was restored and kept filling"
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["resumed"] is True
+    assert summary["student_final_accuracy"] == json.loads((tmp_path / "ref" / "summary.json").read_text())[
+        "student_final_accuracy"
+    ]
+    again = subprocess.run([*fedkd, "--resume", str(cut)], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and "already finished" in again.stderr

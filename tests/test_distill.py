@@ -412,7 +412,7 @@ def test_build_rule_passes_only_accepted_options_and_rejects_bad_ones() -> None:
     assert isinstance(build_rule("plain", order="first-order", alpha=0.5), PlainRule)
     rule = build_rule("lra", order="first-order", alpha=0.5)
     assert isinstance(rule, LRARule) and rule.order == "first-order" and rule.alpha == 0.5
-    with pytest.raises(ConfigError, match="unknown update rule 'sgd'; valid: lra, plain, replay"):
+    with pytest.raises(ConfigError, match="unknown update rule 'sgd'; valid: lra, lra-official, plain, replay"):
         build_rule("sgd")
     with pytest.raises(ConfigError, match="order"):
         LRARule("third-order")

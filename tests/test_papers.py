@@ -10,7 +10,9 @@ import pytest
 from fedkd.cli import main
 from fedkd.config import load_config
 
-PAPERS = sorted((Path(__file__).resolve().parents[1] / "sims" / "papers").glob("*.toml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "sims" / "papers").glob("*.toml"))
+DFKD = [p for p in ALL if p.stem.endswith("-dfkd")]  # centralized recipes, run by `fedkd dfkd`
+PAPERS = [p for p in ALL if p not in DFKD]
 SHRINK = {
     "fedftg": ["strategy.fedftg.iterations=1"],
     "fedgen": ["strategy.fedgen.gen-steps=2"],
@@ -40,3 +42,17 @@ def test_recipe_runs_end_to_end(tmp_path, path):
     assert len(rows) == (1 if one_shot else 2) and all(0 <= r["accuracy"] <= 1 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert {"top5_accuracy", "last5_accuracy"} <= set(summary)
+
+
+@pytest.mark.parametrize("path", DFKD, ids=[p.stem for p in DFKD])
+def test_dfkd_recipe_runs_end_to_end(tmp_path, path):
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("#") and "Official code:" in text and "Deviations" in text
+    assert f"fedkd dfkd sims/papers/{path.name}" in text.split("\n\n")[0]
+    sets = ["dataset.name=digits", "dfkd.epochs=2", "dfkd.iterations=2", "dfkd.teacher-epochs=2",
+            "distill.steps=2", "synthesis.batch-size=32", "distill.memory-push-epochs=1"]  # fmt: skip
+    out = tmp_path / path.stem
+    assert main(["dfkd", str(path), "--out", str(out)] + [x for s in sets for x in ("--set", s)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["memory"] > 0
+    assert rows[1]["lr"] < rows[0]["lr"], "cosine schedule"
