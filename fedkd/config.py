@@ -112,12 +112,15 @@ CORE_KEYS: tuple[Key, ...] = (
         check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),  # fmt: skip
     Key("dfkd.collapse-diversity", 0.1, "Warn of generator collapse when the probe batch's mean pairwise distance falls under this fraction of a real test batch's (0: never).",
         check=_nonneg, requirement="≥ 0"),  # fmt: skip
+    Key("dfkd.warmup-epochs", 0, "Epochs at the start of `fedkd dfkd` that synthesize without training the student (Fast-DFKD: 20); the schedule starts after them.", check=_nonneg, requirement="≥ 0"),
     Key("dfkd.threads", 0, "torch CPU threads of `fedkd dfkd` (0: torch's default; 1 is fastest on shared cores).", check=_nonneg, requirement="≥ 0"),
     Key("generator.name", "image", "Registered generator; its parameters are generator.<name>.<param>."),
-    Key("synthesis.preset", "dfad", "Generator objective preset: dafl, dfad, adi, lra (PAPERS.md), lra-official (LRA's code: ie in log10, adv js-lra), none (no term) or one a strategy registers."),
+    Key("synthesizer.name", "generator", "How `fedkd dfkd` makes pseudo-samples: generator (one generator trained all run, fresh samples per student step) or fast (Fast-DFKD: a meta-learned generator initialization, a few inversion steps per batch, the student trained on a pool of every batch).",
+        choices=("generator", "fast")),  # fmt: skip
+    Key("synthesis.preset", "dfad", "Generator objective preset: dafl, dfad, adi, lra (PAPERS.md), lra-official (LRA's code: ie in log10, adv js-lra), fast (Fast-DFKD: bn 10, oh 0.5, adv kl-masked 1.33), none (no term) or one a strategy registers."),
     Key("synthesis.weights", "", "Term weight overrides on top of the preset, e.g. 'adv=1,div=0.5' (terms: oh, ie, act, bn, adv, div)."),
-    Key("synthesis.adv-metric", "preset", "Disagreement of the adv term: l1 (DFAD), js (1 − JS in nats, batch mean), js-lra (the official LRA code's 1 − JS: clamped probabilities, KL(m‖·), mean over batch × classes) or the preset's.",
-        choices=("preset", "l1", "js", "js-lra")),  # fmt: skip
+    Key("synthesis.adv-metric", "preset", "Disagreement of the adv term: l1 (DFAD), js (1 − JS in nats, batch mean), js-lra (the official LRA code's 1 − JS: clamped probabilities, KL(m‖·), mean over batch × classes), kl-masked (−KL(t‖s) where s and t agree: Fast-DFKD, CMI) or the preset's.",
+        choices=("preset", "l1", "js", "js-lra", "kl-masked")),  # fmt: skip
     Key("synthesis.temperature", 3.0, "Temperature of the JS adv term.", check=_pos, requirement="> 0"),
     Key("synthesis.lr", 1e-3, "Adam learning rate of the generator.", check=_pos, requirement="> 0"),
     Key("synthesis.batch-size", 256, "Pseudo-samples per generator step and per student step.", check=_pos, requirement="≥ 1"),
@@ -134,6 +137,7 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("distill.temperature", 1.0, "Temperature of the kl / js KD loss.", check=_pos, requirement="> 0"),
     Key("distill.steps", 5, "Student steps per generator step (k).", check=_pos, requirement="≥ 1"),
     Key("distill.lr", 0.01, "SGD learning rate of the student.", check=_pos, requirement="> 0"),
+    Key("distill.lr-min", 0.0, "Floor of the cosine schedule (eta_min; Fast-DFKD: 2e-4).", check=_nonneg, requirement="≥ 0"),
     Key("distill.lr-schedule", "constant", "Student learning-rate schedule over the epochs of `fedkd dfkd`: constant or cosine (annealed to 0, stepped per epoch, as LRA's code).",
         choices=("constant", "cosine")),  # fmt: skip
     Key("distill.momentum", 0.9, "SGD momentum of the student.", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
@@ -197,6 +201,17 @@ def _generators() -> Registry[Any]:
 
 # generator.<name>.<param> ← the generator's constructor; fedkd sets the sample shape and labels.
 register_plugin_kind(PluginKind("generator", _generators, frozenset({"out_shape", "num_classes"})))
+
+
+def _synthesizers() -> Registry[Any]:
+    import fedkd.inversion  # noqa: F401 - registers the pooled synthesizers
+    from fedkd.synthesis import SYNTHESIZERS
+
+    return SYNTHESIZERS
+
+
+# synthesizer.<name>.<param> ← the synthesizer factory's keywords with defaults.
+register_plugin_kind(PluginKind("synthesizer", _synthesizers))
 
 
 def kebab(name: str) -> str:

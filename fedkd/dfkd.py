@@ -43,7 +43,7 @@ from fedkd.distill import MemoryBuffer, StudentUpdater, build_rule, kd_loss
 from fedkd.errors import ConfigError, UserError
 from fedkd.models import MODELS, FedkdModel, build_model
 from fedkd.results import SUMMARY, RunRecorder, save_axes, write_atomic
-from fedkd.synthesis import PRESETS, Synthesizer, build_generator, make_objective
+from fedkd.synthesis import PRESETS, SYNTHESIZERS, build_generator, make_objective
 from fedkd.train import LocalTrainConfig, derive_seed, evaluate, resolve_device, train_local
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class DFKDPlan:
     device : torch.device
     teacher, student : FedkdModel
         Freshly initialized (the teacher is loaded already when ``checkpoint`` is set).
-    synthesizer : Synthesizer
+    synthesizer : Synthesizer or FastSynthesizer
+        The registered synthesizer ``synthesizer.name`` (see :data:`~fedkd.synthesis.SYNTHESIZERS`).
     updater : StudentUpdater
     checkpoint : Path or None
         The explicit teacher checkpoint, if any.
@@ -77,7 +78,7 @@ class DFKDPlan:
     device: torch.device
     teacher: FedkdModel
     student: FedkdModel
-    synthesizer: Synthesizer
+    synthesizer: Any
     updater: StudentUpdater
     checkpoint: Path | None
 
@@ -174,9 +175,13 @@ def prepare(cfg: Config) -> DFKDPlan:
     teacher.to(device).eval()
     student.to(device).train()
     generator.to(device)
-    synthesizer = Synthesizer(
-        generator, objective, cfg.int("synthesis.batch-size"), cfg.float("synthesis.lr"), seed=_seed(cfg, _NOISE)
-    )
+    import fedkd.inversion  # noqa: F401 - registers the pooled synthesizers
+
+    sname = cfg.str("synthesizer.name")
+    synthesizer = SYNTHESIZERS.get(sname)(
+        generator, objective, cfg.int("synthesis.batch-size"), cfg.float("synthesis.lr"), _seed(cfg, _NOISE),
+        cfg.int("dfkd.warmup-epochs") * cfg.int("dfkd.iterations"), **cfg.plugin_kwargs("synthesizer", sname),
+    )  # fmt: skip
     synthesizer.check(teacher, student)
     return DFKDPlan(cfg, ds, device, teacher, student, synthesizer, updater, checkpoint)
 
@@ -330,7 +335,7 @@ class CollapseProbe:
     ``real`` (a batch of real inputs, the reference scale).
     """
 
-    def __init__(self, synthesizer: Synthesizer, real: Tensor, seed: int, n: int = PROBE_SIZE) -> None:
+    def __init__(self, synthesizer: Any, real: Tensor, seed: int, n: int = PROBE_SIZE) -> None:
         rng = torch.Generator().manual_seed(seed)
         self.z = torch.randn(n, synthesizer.latent_dim, generator=rng).to(synthesizer.device)
         self.y = (torch.arange(n) % synthesizer.num_classes).to(synthesizer.device) if synthesizer.conditional else None
@@ -339,9 +344,9 @@ class CollapseProbe:
 
     @torch.no_grad()
     def measure(self, teacher: nn.Module) -> dict[str, float]:
-        gen = self.synthesizer.generator
-        state = {k: v.clone() for k, v in gen.state_dict(keep_vars=False).items()}
-        x = torch.func.functional_call(gen, state, (self.z, self.y))  # train mode, on copies of the buffers
+        x = self.synthesizer.probe(self.z, self.y)
+        if len(x) < 2:
+            return {"class_entropy": math.nan, "diversity": math.nan}
         p = torch.softmax(teacher(x), 1).mean(0)
         entropy = float(-(p * p.clamp_min(1e-12).log()).sum()) / math.log(p.numel())
         return {"class_entropy": entropy, "diversity": mean_pairwise_distance(x) / self.reference}
@@ -356,11 +361,14 @@ def collapsed(row: Mapping[str, Any], cfg: Config) -> bool:
 
 
 def student_lr(cfg: Config, epoch: int) -> float:
-    """The student's learning rate in ``epoch`` (from 1): constant, or cosine-annealed toward 0
-    over ``dfkd.epochs`` (``CosineAnnealingLR(T_max = epochs)`` stepped after each epoch)."""
-    lr = cfg.float("distill.lr")
+    """The student's learning rate in its ``epoch``-th training epoch (from 1, after the warm-up):
+    constant, or cosine-annealed from ``distill.lr`` toward ``distill.lr-min`` over the
+    ``dfkd.epochs − dfkd.warmup-epochs`` training epochs (``CosineAnnealingLR(T_max, eta_min)``
+    stepped after each epoch)."""
+    lr, low = cfg.float("distill.lr"), cfg.float("distill.lr-min")
     if cfg.str("distill.lr-schedule") == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / cfg.int("dfkd.epochs")))
+        span = max(1, cfg.int("dfkd.epochs") - cfg.int("dfkd.warmup-epochs"))
+        return low + (lr - low) * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / span))
     return lr
 
 
@@ -386,7 +394,7 @@ def distill(
                           weight_decay=cfg.float("distill.weight-decay"))  # fmt: skip
     source = synth.source()
     epochs, iterations, steps = cfg.int("dfkd.epochs"), cfg.int("dfkd.iterations"), cfg.int("distill.steps")
-    push_epochs = cfg.int("distill.memory-push-epochs")
+    push_epochs, warmup = cfg.int("distill.memory-push-epochs"), cfg.int("dfkd.warmup-epochs")
     every, keep = cfg.int("checkpoint.every"), cfg.int("checkpoint.keep")
     probe = CollapseProbe(synth, ds.x_test[:PROBE_SIZE].to(device), _seed(cfg, _PROBE))
     recorder = RunRecorder(run_dir, on_round=on_epoch)
@@ -405,12 +413,13 @@ def distill(
     for epoch in range(first, epochs + 1):
         t = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = student_lr(cfg, epoch)
+            group["lr"] = student_lr(cfg, max(1, epoch - warmup))
         student.train()
         g_rows, s_rows = [], []
         for _ in range(iterations):
             g_rows.append(synth.step(plan.teacher, student))
-            s_rows.append(updater.run(student, plan.teacher, opt, source, steps))
+            if epoch > warmup:  # warm-up epochs synthesize only
+                s_rows.append(updater.run(student, plan.teacher, opt, source, steps))
         if push_epochs and (epoch - 1) % push_epochs == 0:
             updater.push_last()
         loss, acc = evaluate(student, ds.x_test, ds.y_test, cfg.int("eval.batch-size"), device)
@@ -419,6 +428,8 @@ def distill(
         row.update(_means(g_rows, ""))
         row.update(_means(s_rows, "s_"))
         row["memory"] = len(updater.memory) if updater.memory is not None else 0
+        if hasattr(synth, "__len__"):
+            row["pool"] = len(synth)
         row["lr"] = opt.param_groups[0]["lr"]
         row.update(probe.measure(plan.teacher))
         row["collapse"] = collapsed(row, cfg)

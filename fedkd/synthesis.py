@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 TERMS: tuple[str, ...] = ("oh", "ie", "act", "bn", "adv", "div")
 Noise = tuple[Tensor, Tensor | None]
 """``(z, y)``: a batch of generator noise and its labels (``None`` for an unconditional generator)."""
-ADV_METRICS: tuple[str, ...] = ("l1", "js", "js-lra")
+ADV_METRICS: tuple[str, ...] = ("l1", "js", "js-lra", "kl-masked")
 
 
 # --------------------------------------------------------------------------- the terms
@@ -90,6 +90,10 @@ def adv_loss(
         return 1.0 - (weight * js_divergence(student, teacher, temperature, reduction="none")).mean()
     if metric == "js-lra":
         return 1.0 - js_lra(student, teacher, temperature, weight)
+    if metric == "kl-masked":  # Fast-DFKD / CMI: KL(t ‖ s) on the samples where s and t still agree
+        agree = (student.argmax(1) == teacher.argmax(1)).float()
+        per = F.kl_div(F.log_softmax(student, 1), F.softmax(teacher, 1), reduction="none").sum(1) * agree
+        return -(per.mean() if weight is None else (weight * per).mean())
     raise ConfigError(f"unknown adversarial metric {metric!r}; valid: {', '.join(ADV_METRICS)}")
 
 
@@ -180,7 +184,7 @@ class Objective:
     ----------
     weights : mapping of str to float
         Weight per term of :data:`TERMS`; terms absent or at 0 are skipped.
-    adv_metric : {"l1", "js", "js-lra"}
+    adv_metric : {"l1", "js", "js-lra", "kl-masked"}
     temperature : float
         Temperature of the JS adversarial term (LRA: 3).
     adv_detach : bool
@@ -225,6 +229,8 @@ PRESETS.add(
     "lra-official",
     Objective({"oh": 1.0, "ie": 5.0 / math.log(10.0), "act": 0.1, "adv": 1.0}, adv_metric="js-lra", temperature=3.0),
 )
+# Fast-DFKD's CIFAR-100 ResNet-34 script (scripts/fast_cifar.sh): bn 10, oh 0.5, adv 1.33 on the masked KL.
+PRESETS.add("fast", Objective({"bn": 10.0, "oh": 0.5, "adv": 1.33}, adv_metric="kl-masked"))
 PRESETS.add("none", Objective({}))
 
 
@@ -543,6 +549,13 @@ class Synthesizer:
         finally:
             self.generator.train(was)
 
+    @torch.no_grad()
+    def probe(self, z: Tensor, y: Tensor | None) -> Tensor:
+        """``G(z, y)`` in train mode, as the student's batches are made, without side effects:
+        BatchNorm updates its running statistics on copies, and no noise is drawn."""
+        state = {k: v.clone() for k, v in self.generator.state_dict().items()}
+        return torch.func.functional_call(self.generator, state, (z, y))
+
     def source(self, mode: str = "train") -> BatchSource:
         """A batch source for :class:`~fedkd.distill.StudentUpdater`: fresh ``(x, y)``, no gradient."""
 
@@ -553,6 +566,19 @@ class Synthesizer:
 
 
 SAMPLE_MODES: tuple[str, ...] = ("train", "eval")
+
+#: How ``fedkd dfkd`` makes pseudo-samples (config ``synthesizer.name``; the parameters of the
+#: registered factory's keyword arguments with defaults are ``synthesizer.<name>.<param>``). A
+#: factory is called as ``factory(generator, objective, batch_size, lr, seed, warmup, **params)``.
+#: ``generator``: this module's continual :class:`Synthesizer`; ``fast``: :mod:`fedkd.inversion`.
+SYNTHESIZERS: Registry[Any] = Registry("synthesizer")
+
+
+@SYNTHESIZERS.register("generator")
+def continual(generator: nn.Module, objective: Objective, batch_size: int, lr: float, seed: int, warmup: int) -> Synthesizer:
+    """One generator trained for the whole run; every student step gets a fresh batch (DAFL, DFAD,
+    LRA). ``warmup`` is handled by the caller (no student steps)."""
+    return Synthesizer(generator, objective, batch_size, lr, seed=seed)
 PER_MEMBER: tuple[str, ...] = ("off", "mean", "steps")
 
 

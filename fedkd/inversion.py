@@ -1,0 +1,323 @@
+"""Model-inversion synthesizers: each synthesis call optimizes one new batch and keeps it in a pool.
+
+The continual :class:`~fedkd.synthesis.Synthesizer` trains one generator for the whole run and
+serves fresh samples to every student step. The synthesizers here follow the other family of
+data-free KD (DeepInversion, CMI, Fast-DFKD, in zju-vipa's Fast-Datafree): every call builds a
+*new* batch by a few steps of optimization against the teacher, stores it in a **pool**, and the
+student trains on batches drawn from the whole pool (every batch synthesized so far, augmented).
+
+* ``fast`` — **Fast-DFKD** (Fang et al., "Up to 100× Faster Data-free Knowledge Distillation",
+  AAAI 2022; official ``datafree/synthesis/fast_meta.py``). A *meta* generator is the shared
+  initialization: each call clones it, optimizes the clone and a fresh noise batch ``z`` jointly
+  (Adam, betas (0.5, 0.999); ``lr`` for the clone, ``lr_z`` for ``z``) for ``iterations`` steps on
+  ``bn · L_bn + oh · CE(t(x̃), y) + adv · L_adv`` (``x̃`` the augmented batch, ``y`` random labels),
+  keeps the lowest-loss batch, and updates the meta generator by first-order MAML: the clone's
+  gradients, summed over the iterations, are one Adam step of the meta generator at
+  ``lr · iterations``. ``L_bn`` is DeepInversion's statistics loss with Fast's momentum: the batch
+  statistics are mixed with an exponential average of earlier calls' (``bn_momentum``).
+  ``L_adv = −mean_b 1[s(x̃)_b agrees with t(x̃)_b] · KL(t ‖ s)_b`` (the preset ``fast``'s
+  ``kl-masked`` metric), active after the warm-up.
+
+A synthesizer here has the continual one's interface (``step``, ``source``, ``sample``, ``probe``,
+``check``, ``state_dict``), so ``fedkd dfkd`` runs either through one loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fedkd.distill import BatchSource
+from fedkd.errors import ConfigError
+from fedkd.synthesis import SYNTHESIZERS, BNStatistics, Objective, bn_layers, check_choice, eval_mode, oh_loss
+
+FAST_TERMS = ("bn", "oh", "adv")
+META_RULES = ("fomaml", "off")
+
+
+class MomentumBNStatistics(BNStatistics):
+    """DeepInversion's BN loss against a momentum mix of batch statistics (Fast-DFKD's ``bn_mmt``).
+
+    With ``μ, σ²`` this batch's statistics at a BN layer and ``μ̄, σ̄²`` the running average of
+    the batches of earlier calls, the layer's term is
+    ``‖σ²_run − ((1 − m) σ² + m σ̄²)‖₂ + ‖μ_run − ((1 − m) μ + m μ̄)‖₂`` (plain DeepInversion
+    until an average exists). :meth:`update` folds the last batch's statistics into the average.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float, average: list[tuple[Tensor, Tensor]] | None) -> None:
+        super().__init__(model)
+        self.momentum = momentum
+        self.average = average
+        self.last: list[tuple[Tensor, Tensor]] = []
+
+    def __enter__(self) -> MomentumBNStatistics:
+        self.last = []
+        super().__enter__()
+        return self
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        assert module.running_mean is not None and module.running_var is not None
+        x = inputs[0]
+        dims = [d for d in range(x.ndim) if d != 1]
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        i = len(self.last)
+        self.last.append((mean.detach(), var.detach()))
+        if self.average is not None and self.momentum > 0:
+            m_mean, m_var = self.average[i]
+            mean = (1 - self.momentum) * mean + self.momentum * m_mean
+            var = (1 - self.momentum) * var + self.momentum * m_var
+        self.terms.append(
+            torch.linalg.vector_norm(module.running_var - var) + torch.linalg.vector_norm(module.running_mean - mean)
+        )
+
+
+def random_crop_flip(x: Tensor, padding: int, flip: bool, rng: torch.Generator) -> Tensor:
+    """Per-sample random crop after zero padding, and an optional horizontal flip (Fast-DFKD's
+    augmentation, kornia's ``RandomCrop(padding)`` + ``RandomHorizontalFlip``). Differentiable."""
+    if padding <= 0 and not flip:
+        return x
+    b, _, h, w = x.shape
+    if padding > 0:
+        padded = F.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=rng).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=rng).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+        x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mirror = (torch.rand(b, generator=rng) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+@SYNTHESIZERS.register("fast")
+class FastSynthesizer:
+    """Fast-DFKD: a meta-learned generator initialization, a few inversion steps per batch, a pool.
+
+    Parameters
+    ----------
+    generator : nn.Module
+        The meta generator (a registered input-space generator, unconditional).
+    objective : Objective
+        Weights of ``bn``, ``oh`` and ``adv`` (preset ``fast``); other terms are refused.
+    batch_size : int
+        Samples per synthesized batch and per student batch drawn from the pool.
+    lr : float
+        Adam learning rate of the cloned generator (``lr_g``); the meta step uses ``lr · iterations``.
+    seed : int
+        Seed of the noise, labels, augmentation and pool sampling.
+    warmup : int
+        Synthesis calls without the adversarial term (the student is not trained meanwhile).
+    iterations : int
+        Optimization steps per synthesized batch (``g_steps``; the paper's Fast-2/5/10).
+    lr_z : float
+        Adam learning rate of the noise batch ``z``.
+    bn_momentum : float
+        Momentum of the BN statistics average (``bn_mmt``; 0: plain DeepInversion).
+    pool_size : int
+        Batches kept in the pool, oldest dropped first; 0 keeps every batch (the official code).
+    crop_padding : int
+        Padding of the random crop applied before the teacher, in synthesis and to pool batches.
+    flip : bool
+        Random horizontal flips too (the official CIFAR setting; off for digits).
+    meta : {"fomaml", "off"}
+        ``off`` never updates the initialization (every batch starts from the same generator).
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        objective: Objective,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        warmup: int,
+        iterations: int = 2,
+        lr_z: float = 0.015,
+        bn_momentum: float = 0.9,
+        pool_size: int = 0,
+        crop_padding: int = 4,
+        flip: bool = False,
+        meta: str = "fomaml",
+    ) -> None:
+        extra = sorted(set(objective.active) - set(FAST_TERMS))
+        if extra:
+            raise ConfigError(f"synthesizer 'fast' takes the terms {', '.join(FAST_TERMS)}; got {', '.join(extra)}")
+        if getattr(generator, "conditional", False):
+            raise ConfigError("synthesizer 'fast' needs an unconditional generator (its labels go to the teacher only)")
+        checks = (
+            (iterations >= 1, f"synthesizer.fast.iterations must be ≥ 1, got {iterations}"),
+            (lr_z > 0 and math.isfinite(lr_z), f"synthesizer.fast.lr-z must be > 0, got {lr_z}"),
+            (0 <= bn_momentum < 1, f"synthesizer.fast.bn-momentum must be in [0, 1), got {bn_momentum}"),
+            (pool_size >= 0, f"synthesizer.fast.pool-size must be ≥ 0, got {pool_size}"),
+            (crop_padding >= 0, f"synthesizer.fast.crop-padding must be ≥ 0, got {crop_padding}"),
+            (batch_size >= 1, f"synthesis batch size must be ≥ 1, got {batch_size}"),
+            (lr > 0, f"generator learning rate must be > 0, got {lr}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        check_choice("synthesizer.fast.meta", meta, META_RULES)
+        self.generator = generator
+        self.objective = objective
+        self.batch_size = batch_size
+        self.lr = lr
+        self.warmup = warmup
+        self.iterations = iterations
+        self.lr_z = lr_z
+        self.bn_momentum = bn_momentum
+        self.pool_size = pool_size
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.meta = meta
+        self.num_classes: int = getattr(generator, "num_classes")  # noqa: B009
+        self.latent_dim: int = getattr(generator, "latent_dim")  # noqa: B009
+        self.conditional = False
+        self.meta_optimizer = torch.optim.Adam(generator.parameters(), lr=lr * iterations, betas=(0.5, 0.999))
+        self._rng = torch.Generator().manual_seed(seed)
+        self._pool: list[Tensor] = []
+        self._bn_average: list[tuple[Tensor, Tensor]] | None = None
+        self.calls = 0
+
+    # ------------------------------------------------------------------ the synthesizer interface
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    def __len__(self) -> int:
+        """Samples in the pool."""
+        return sum(len(b) for b in self._pool)
+
+    def check(self, teacher: nn.Module, student: nn.Module | None = None) -> None:
+        if "bn" in self.objective.active and not bn_layers(teacher):
+            raise ConfigError(
+                "generator loss term 'bn' needs a teacher with BatchNorm layers (e.g. resnet8, mobilenetv2)"
+            )
+        if "adv" in self.objective.active and student is None:
+            raise ConfigError("generator loss term 'adv' needs a student")
+
+    def augment(self, x: Tensor) -> Tensor:
+        return random_crop_flip(x, self.crop_padding, self.flip, self._rng)
+
+    def step(self, teacher: nn.Module, student: nn.Module | None = None) -> dict[str, float]:
+        """One synthesis call: optimize a new batch from the meta generator, pool it, meta-update.
+
+        Returns ``g_loss`` and ``g_<term>`` of the kept (lowest-loss) iteration and ``pool``.
+        """
+        self.calls += 1
+        adversarial = student is not None and self.calls > self.warmup and "adv" in self.objective.active
+        w = self.objective.active
+        dev = self.device
+        z = torch.randn(self.batch_size, self.latent_dim, generator=self._rng).to(dev).requires_grad_(True)
+        y = torch.randint(self.num_classes, (self.batch_size,), generator=self._rng).to(dev)
+        fast = copy.deepcopy(self.generator).train()
+        groups: list[dict[str, Any]] = [{"params": list(fast.parameters())}, {"params": [z], "lr": self.lr_z}]
+        opt = torch.optim.Adam(groups, lr=self.lr, betas=(0.5, 0.999))
+        if self.meta == "fomaml":
+            self.meta_optimizer.zero_grad(set_to_none=True)
+        best: tuple[float, Tensor, dict[str, float]] | None = None
+        stats_bn: MomentumBNStatistics | None = None
+        modes = [m for m in (teacher, student) if m is not None]
+        with eval_mode(*modes):
+            for _ in range(self.iterations):
+                x = fast(z)
+                xa = self.augment(x)
+                terms: dict[str, Tensor] = {}
+                if "bn" in w:
+                    stats_bn = MomentumBNStatistics(teacher, self.bn_momentum, self._bn_average)
+                    with stats_bn:
+                        t = teacher(xa)
+                    terms["bn"] = stats_bn.loss
+                else:
+                    t = teacher(xa)
+                if "oh" in w:
+                    terms["oh"] = oh_loss(t, y)
+                if adversarial:
+                    assert student is not None
+                    s = student(xa)
+                    agree = (s.argmax(1) == t.argmax(1)).float()
+                    kl = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="none").sum(1)
+                    terms["adv"] = -(kl * agree).mean()
+                total = sum((w[k] * v for k, v in terms.items()), torch.zeros((), device=dev))
+                value = float(total.detach())
+                if best is None or value < best[0]:
+                    best = (value, x.detach().clone(), {k: float(v.detach()) for k, v in terms.items()})
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if self.meta == "fomaml":  # first-order MAML: the clone's gradients, summed over iterations
+                    for p, q in zip(self.generator.parameters(), fast.parameters(), strict=True):
+                        if q.grad is not None:
+                            p.grad = q.grad.detach().clone() if p.grad is None else p.grad + q.grad.detach()
+                opt.step()
+        if self.meta == "fomaml":
+            self.meta_optimizer.step()
+            self.meta_optimizer.zero_grad(set_to_none=True)
+        if stats_bn is not None and self.bn_momentum > 0:
+            last = stats_bn.last
+            if self._bn_average is None:
+                self._bn_average = [(m.clone(), v.clone()) for m, v in last]
+            else:
+                r = self.bn_momentum
+                self._bn_average = [
+                    (r * am + (1 - r) * m, r * av + (1 - r) * v)
+                    for (am, av), (m, v) in zip(self._bn_average, last, strict=True)
+                ]
+        assert best is not None
+        self._pool.append(best[1].cpu())
+        if self.pool_size and len(self._pool) > self.pool_size:
+            self._pool = self._pool[-self.pool_size :]
+        out = {"g_loss": best[0], **{f"g_{k}": v for k, v in best[2].items()}, "pool": float(len(self))}
+        return out
+
+    def _draw(self, n: int) -> Tensor:
+        pool = torch.cat(self._pool) if len(self._pool) > 1 else self._pool[0]
+        idx = torch.randperm(len(pool), generator=self._rng)[: min(n, len(pool))]
+        return pool[idx].to(self.device)
+
+    def source(self, mode: str = "train") -> BatchSource:
+        """Student batches: ``batch_size`` pooled samples drawn at random, augmented (no labels)."""
+
+        def draw() -> tuple[Tensor, Tensor | None]:
+            if not self._pool:
+                raise RuntimeError("the pool is empty: call step() first")
+            with torch.no_grad():
+                return self.augment(self._draw(self.batch_size)), None
+
+        return draw
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The newest ``n`` pooled samples (no labels; ``z`` is empty)."""
+        n = n or self.batch_size
+        recent = torch.cat(self._pool[::-1])[:n] if self._pool else torch.zeros(0)
+        return recent.to(self.device), None, torch.zeros(0)
+
+    @torch.no_grad()
+    def probe(self, z: Tensor, y: Tensor | None) -> Tensor:
+        """What the student learns from now: the newest pooled samples (the probe's noise is unused)."""
+        return self.sample(len(z))[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "rng": self._rng.get_state(),
+            "pool": list(self._pool),
+            "bn_average": [] if self._bn_average is None else [list(mv) for mv in self._bn_average],
+            "calls": self.calls,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self._rng.set_state(state["rng"])
+        self._pool = list(state["pool"])
+        avg = state["bn_average"]
+        self._bn_average = [(m, v) for m, v in avg] if avg else None
+        self.calls = int(state["calls"])

@@ -1,0 +1,197 @@
+"""Fast-DFKD (`synthesizer.name = "fast"`): the properties the method relies on, and `fedkd dfkd` with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedkd.cli import main
+from fedkd.config import CORE_KEYS
+from fedkd.inversion import FastSynthesizer, MomentumBNStatistics, random_crop_flip
+from fedkd.models import build_model
+from fedkd.synthesis import PRESETS, SYNTHESIZERS, BNStatistics, adv_loss, build_generator, oh_loss
+
+SHAPE = (1, 8, 8)
+
+
+def _fast(seed: int = 0, **kw: object) -> tuple[FastSynthesizer, nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    teacher = build_model("resnet8", SHAPE, 10).eval().requires_grad_(False)
+    student = build_model("lenet5-half", SHAPE, 10)
+    gen = build_generator("image", SHAPE, 10, latent_dim=8, base_channels=4)
+    opts = {"iterations": 2, "crop_padding": 0, **kw}
+    warmup = int(opts.pop("warmup", 0))  # type: ignore[call-overload]
+    return FastSynthesizer(gen, PRESETS.get("fast"), 16, 5e-3, seed, warmup, **opts), teacher, student  # type: ignore[arg-type]
+
+
+def test_registry_and_config_agree() -> None:
+    choices = {k.name: k.choices for k in CORE_KEYS}
+    assert set(choices["synthesizer.name"] or ()) == set(SYNTHESIZERS.names()) == {"generator", "fast"}
+
+
+def test_the_meta_gradient_is_the_clones_gradient_fomaml() -> None:
+    """One inner iteration: the clone starts at the meta weights, so the meta step's gradient is
+    ∇θ (bn · L_bn + oh · CE) at the meta generator, for the call's noise and labels."""
+    synth, teacher, _ = _fast(iterations=1, warmup=10)
+    seen: dict[str, torch.Tensor] = {}
+    meta_step = synth.meta_optimizer.step
+
+    def capture(*a: object, **k: object) -> None:
+        seen.update({n: p.grad.clone() for n, p in synth.generator.named_parameters() if p.grad is not None})
+        meta_step()
+
+    synth.meta_optimizer.step = capture  # type: ignore[method-assign]
+    ref = build_generator("image", SHAPE, 10, latent_dim=8, base_channels=4)
+    ref.load_state_dict(synth.generator.state_dict())
+    rng = torch.Generator().manual_seed(0)  # the synthesizer's stream: z, then y
+    z, y = torch.randn(16, 8, generator=rng), torch.randint(10, (16,), generator=rng)
+    before = {n: p.detach().clone() for n, p in synth.generator.named_parameters()}
+    synth.step(teacher)
+    with BNStatistics(teacher) as stats:
+        t = teacher(ref.train()(z))
+    loss = 10.0 * stats.loss + 0.5 * oh_loss(t, y)
+    grads = dict(zip([n for n, _ in ref.named_parameters()], torch.autograd.grad(loss, list(ref.parameters()))))
+    assert seen and set(seen) == set(grads)
+    for n in grads:
+        assert torch.allclose(seen[n], grads[n], rtol=1e-4, atol=1e-6), n
+    assert any(not torch.equal(before[n], p) for n, p in synth.generator.named_parameters()), "the meta step ran"
+
+
+def test_meta_off_never_moves_the_initialization() -> None:
+    synth, teacher, student = _fast(meta="off")
+    before = [p.detach().clone() for p in synth.generator.parameters()]
+    synth.step(teacher, student)
+    assert all(torch.equal(a, b) for a, b in zip(before, synth.generator.parameters(), strict=True))
+
+
+def test_the_pool_keeps_every_batch_and_the_student_draws_from_all() -> None:
+    synth, teacher, student = _fast()
+    with pytest.raises(RuntimeError, match="pool is empty"):
+        synth.source()()
+    for k in range(1, 5):
+        stats = synth.step(teacher, student)
+        assert len(synth) == 16 * k and stats["pool"] == 16 * k
+    first = synth._pool[0]
+    draws = torch.cat([synth.source()()[0] for _ in range(30)])
+    from_first = sum(bool((row == first).flatten(1).all(1).any()) for row in draws[:, None])
+    assert from_first > 0, "the first call's batch is still replayed after three more"
+    capped, t2, s2 = _fast(pool_size=2)
+    for _ in range(4):
+        capped.step(t2, s2)
+    assert len(capped) == 32 and len(capped._pool) == 2
+
+
+def test_momentum_bn_mixes_the_average_of_earlier_calls() -> None:
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.uniform_()
+    bn.running_var.uniform_(0.5, 1.5)
+    model = nn.Sequential(bn)
+    x = torch.randn(8, 3, 4, 4)
+    avg = [(torch.full((3,), 0.3), torch.full((3,), 2.0))]
+    with MomentumBNStatistics(model, 0.9, avg) as stats:
+        model(x)
+    mean, var = x.mean([0, 2, 3]), x.var([0, 2, 3], unbiased=False)
+    mix_m, mix_v = 0.1 * mean + 0.9 * 0.3, 0.1 * var + 0.9 * 2.0
+    want = (bn.running_var - mix_v).norm() + (bn.running_mean - mix_m).norm()
+    assert float(stats.loss) == pytest.approx(float(want), rel=1e-6)
+    assert torch.allclose(stats.last[0][0], mean) and torch.allclose(stats.last[0][1], var)
+    with MomentumBNStatistics(model, 0.9, None) as plain:  # no average yet: DeepInversion's
+        model(x)
+    with BNStatistics(model) as di:
+        model(x)
+    assert float(plain.loss) == pytest.approx(float(di.loss), rel=1e-6)
+
+
+def test_the_bn_average_is_updated_after_each_call() -> None:
+    synth, teacher, student = _fast()
+    assert synth._bn_average is None
+    synth.step(teacher, student)
+    first = [m.clone() for m, _ in synth._bn_average]  # type: ignore[union-attr]
+    synth.step(teacher, student)
+    assert any(not torch.equal(a, m) for a, (m, _) in zip(first, synth._bn_average, strict=True))  # type: ignore[arg-type]
+
+
+def test_masked_kl_counts_only_the_samples_where_student_and_teacher_agree() -> None:
+    t = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    s = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # agrees on sample 0 only
+    kl0 = F.kl_div(F.log_softmax(s[:1], 1), F.softmax(t[:1], 1), reduction="sum")
+    assert float(adv_loss(s, t, "kl-masked")) == pytest.approx(-float(kl0) / 2, rel=1e-6)
+    assert PRESETS.get("fast").adv_metric == "kl-masked"
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_batch() -> None:
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5)
+    rng = torch.Generator().manual_seed(0)
+    assert torch.equal(random_crop_flip(x, 0, False, rng), x)
+    out = random_crop_flip(x, 2, False, rng)
+    padded = F.pad(x, (2, 2, 2, 2))
+    assert out.shape == x.shape
+    for b in range(2):
+        windows = [padded[b, :, i : i + 5, j : j + 5] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], w) for w in windows)
+    flipped = random_crop_flip(x, 0, True, torch.Generator().manual_seed(3))
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x, strict=True))
+
+
+def test_warmup_calls_leave_the_adversarial_term_out() -> None:
+    synth, teacher, student = _fast(warmup=1)
+    assert "g_adv" not in synth.step(teacher, student)
+    assert "g_adv" in synth.step(teacher, student)
+
+
+FAST = [
+    "dataset.name=digits", "dfkd.threads=1", "dfkd.teacher=resnet8", "dfkd.student=lenet5-half",
+    "dfkd.teacher-epochs=3", "dfkd.teacher-lr=0.05", "dfkd.epochs=4", "dfkd.iterations=1", "distill.steps=3",
+    "dfkd.warmup-epochs=1", "synthesizer.name=fast", "synthesis.preset=fast", "synthesis.batch-size=16",
+    "generator.image.base-channels=4", "generator.image.latent-dim=8", "distill.loss=kl",
+    "distill.lr-schedule=cosine", "synthesizer.fast.iterations=2",
+]  # fmt: skip
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def test_fedkd_dfkd_with_fast_warms_up_pools_and_resumes(tmp_path: Path) -> None:
+    sets = [*_sets(FAST), "--set", f"dfkd.teacher-cache={tmp_path}"]
+    assert main(["dfkd", "--out", str(tmp_path / "a"), *sets]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pool"] for r in rows] == [16, 32, 48, 64]
+    assert "s_kd_loss" not in rows[0] and all("s_kd_loss" in r for r in rows[1:]), "epoch 1 is warm-up"
+    assert "g_adv" not in rows[0] and "g_adv" in rows[1]
+    assert rows[1]["lr"] == pytest.approx(0.01) and rows[-1]["lr"] < rows[1]["lr"], "cosine after the warm-up"
+    # interrupted after epoch 3: the newest checkpoint and the summary gone, resumed from epoch 3
+    assert main(["dfkd", "--out", str(tmp_path / "b"), *sets]) == 0
+    (tmp_path / "b" / "checkpoint-00004.pt").unlink()
+    (tmp_path / "b" / "summary.json").unlink()
+    assert main(["dfkd", "--resume", str(tmp_path / "b")]) == 0
+    strip = lambda d: [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "elapsed")}  # noqa: E731
+                       for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert strip("b") == strip("a"), "the pool, the meta generator and its Adam state were restored"
+
+
+BAD = [
+    (["synthesizer.name=cmi"], "synthesizer.name must be one of generator, fast"),
+    (["synthesizer.name=fast", "synthesis.preset=fast", "dfkd.teacher=resnet8", "synthesizer.fast.iterations=0"],
+     "synthesizer.fast.iterations must be ≥ 1"),
+    (["synthesizer.name=fast", "synthesis.preset=dafl"], "synthesizer 'fast' takes the terms bn, oh, adv; got act, ie"),
+    (["synthesizer.name=fast", "synthesis.preset=fast"], "'bn' needs a teacher with BatchNorm"),
+    (["synthesizer.fast.meta=reptile", "synthesizer.name=fast"], "synthesizer.fast.meta must be one of fomaml, off"),
+    (["synthesizer.fast.speed=2"], "unknown config key 'synthesizer.fast.speed'"),
+    (["dfkd.warmup-epochs=-1"], "dfkd.warmup-epochs must be ≥ 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("sets", "message"), BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], sets: list[str], message: str) -> None:
+    out = tmp_path / "run"
+    assert main(["dfkd", "--out", str(out), "--set", "dataset.name=digits", *_sets(sets)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
