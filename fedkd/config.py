@@ -115,8 +115,8 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("dfkd.warmup-epochs", 0, "Epochs at the start of `fedkd dfkd` that synthesize without training the student (Fast-DFKD: 20); the schedule starts after them.", check=_nonneg, requirement="≥ 0"),
     Key("dfkd.threads", 0, "torch CPU threads of `fedkd dfkd` (0: torch's default; 1 is fastest on shared cores).", check=_nonneg, requirement="≥ 0"),
     Key("generator.name", "image", "Registered generator; its parameters are generator.<name>.<param>."),
-    Key("synthesizer.name", "generator", "How `fedkd dfkd` makes pseudo-samples: generator (one generator trained all run, fresh samples per student step) or fast (Fast-DFKD: a meta-learned generator initialization, a few inversion steps per batch, the student trained on a pool of every batch).",
-        choices=("generator", "fast")),  # fmt: skip
+    Key("synthesizer.name", "generator", "How `fedkd dfkd` makes pseudo-samples: generator (one generator trained all run, fresh samples per student step) fast (Fast-DFKD: a meta-learned generator initialization, a few inversion steps per batch, the student trained on a pool of every batch) or cmi (contrastive model inversion: a re-initialized generator per batch, a contrastive term against earlier batches, the same pool).",
+        choices=("generator", "fast", "cmi")),  # fmt: skip
     Key("synthesis.preset", "dfad", "Generator objective preset: dafl, dfad, adi, lra (PAPERS.md), lra-official (LRA's code: ie in log10, adv js-lra), fast (Fast-DFKD: bn 10, oh 0.5, adv kl-masked 1.33), none (no term) or one a strategy registers."),
     Key("synthesis.weights", "", "Term weight overrides on top of the preset, e.g. 'adv=1,div=0.5' (terms: oh, ie, act, bn, adv, div)."),
     Key("synthesis.adv-metric", "preset", "Disagreement of the adv term: l1 (DFAD), js (1 − JS in nats, batch mean), js-lra (the official LRA code's 1 − JS: clamped probabilities, KL(m‖·), mean over batch × classes), kl-masked (−KL(t‖s) where s and t agree: Fast-DFKD, CMI) or the preset's.",

@@ -18,6 +18,17 @@ student trains on batches drawn from the whole pool (every batch synthesized so 
   ``L_adv = −mean_b 1[s(x̃)_b agrees with t(x̃)_b] · KL(t ‖ s)_b`` (the preset ``fast``'s
   ``kl-masked`` metric), active after the warm-up.
 
+* ``cmi`` — **CMI**, Contrastive Model Inversion (Fang et al., IJCAI 2021; official
+  ``datafree/synthesis/contrastive.py``). Each call re-initializes the generator (N(0, 0.02)
+  weights) and optimizes it with a fresh ``z`` (Adam, betas (0.5, 0.999)) for ``iterations``
+  steps on ``bn · L_bn + oh · CE + adv · L_adv + cr · L_cr`` over a *global* view (random crop)
+  of the batch. ``L_cr`` is an InfoNCE loss that makes the batch unlike every batch before it:
+  the teacher's per-channel instance means at the input of every BatchNorm layer, of a *local*
+  view (random resized crop, scale 0.25–1) and of the global view, are projected by an MLP head
+  (trained alongside, L2-normalized); each local projection must pick its own global one
+  (temperature ``cr_temperature``) among the batch and ``negatives`` features drawn from a
+  memory bank of the kept batches of earlier calls.
+
 A synthesizer here has the continual one's interface (``step``, ``source``, ``sample``, ``probe``,
 ``check``, ``state_dict``), so ``fedkd dfkd`` runs either through one loop.
 """
@@ -96,8 +107,100 @@ def random_crop_flip(x: Tensor, padding: int, flip: bool, rng: torch.Generator) 
     return x
 
 
+def random_resized_crop(x: Tensor, scale: tuple[float, float], flip: bool, rng: torch.Generator) -> Tensor:
+    """Per-sample random resized crop (kornia's ``RandomResizedCrop(scale, ratio=(3/4, 4/3))``),
+    resampled bilinearly to the input size, and an optional horizontal flip. Differentiable."""
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(scale[0], scale[1], generator=rng)
+    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=rng)
+    ratio = log_ratio.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # fractions of the width and height
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=rng) * 2 - 1) * (1 - w)  # centres, in [-1, 1] coordinates
+    cy = (torch.rand(b, generator=rng) * 2 - 1) * (1 - h)
+    if flip:
+        w = torch.where(torch.rand(b, generator=rng) < 0.5, -w, w)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def masked_kl_adv(s: Tensor, t: Tensor) -> Tensor:
+    """``−mean_b 1[argmax s_b = argmax t_b] · KL(softmax t_b ‖ softmax s_b)`` (Fast-DFKD, CMI)."""
+    agree = (s.argmax(1) == t.argmax(1)).float()
+    return -(F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="none").sum(1) * agree).mean()
+
+
+class PooledSynthesizer:
+    """What the pooled synthesizers share: the pool of kept batches, the student's batches drawn
+    from it (augmented), samples and probes for plots and the collapse statistics."""
+
+    generator: nn.Module
+    batch_size: int
+    pool_size: int
+    crop_padding: int
+    flip: bool
+    conditional = False
+    _rng: torch.Generator
+    _pool: list[Tensor]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    def __len__(self) -> int:
+        """Samples in the pool."""
+        return sum(len(b) for b in self._pool)
+
+    def augment(self, x: Tensor) -> Tensor:
+        return random_crop_flip(x, self.crop_padding, self.flip, self._rng)
+
+    def _keep(self, batch: Tensor) -> None:
+        self._pool.append(batch.detach().cpu())
+        if self.pool_size and len(self._pool) > self.pool_size:
+            self._pool = self._pool[-self.pool_size :]
+
+    def _draw(self, n: int) -> Tensor:
+        pool = torch.cat(self._pool) if len(self._pool) > 1 else self._pool[0]
+        idx = torch.randperm(len(pool), generator=self._rng)[: min(n, len(pool))]
+        return pool[idx].to(self.device)
+
+    def source(self, mode: str = "train") -> BatchSource:
+        """Student batches: ``batch_size`` pooled samples drawn at random, augmented (no labels)."""
+
+        def draw() -> tuple[Tensor, Tensor | None]:
+            if not self._pool:
+                raise RuntimeError("the pool is empty: call step() first")
+            with torch.no_grad():
+                return self.augment(self._draw(self.batch_size)), None
+
+        return draw
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The newest ``n`` pooled samples (no labels; ``z`` is empty)."""
+        n = n or self.batch_size
+        recent = torch.cat(self._pool[::-1])[:n] if self._pool else torch.zeros(0)
+        return recent.to(self.device), None, torch.zeros(0)
+
+    @torch.no_grad()
+    def probe(self, z: Tensor, y: Tensor | None) -> Tensor:
+        """What the student learns from now: the newest pooled samples (the probe's noise is unused)."""
+        return self.sample(len(z))[0]
+
+    def check(self, teacher: nn.Module, student: nn.Module | None = None) -> None:
+        active = getattr(self, "objective").active  # noqa: B009
+        if "bn" in active and not bn_layers(teacher):
+            raise ConfigError(
+                "generator loss term 'bn' needs a teacher with BatchNorm layers (e.g. resnet8, mobilenetv2)"
+            )
+        if "adv" in active and student is None:
+            raise ConfigError("generator loss term 'adv' needs a student")
+
+
 @SYNTHESIZERS.register("fast")
-class FastSynthesizer:
+class FastSynthesizer(PooledSynthesizer):
     """Fast-DFKD: a meta-learned generator initialization, a few inversion steps per batch, a pool.
 
     Parameters
@@ -185,26 +288,6 @@ class FastSynthesizer:
         self._bn_average: list[tuple[Tensor, Tensor]] | None = None
         self.calls = 0
 
-    # ------------------------------------------------------------------ the synthesizer interface
-    @property
-    def device(self) -> torch.device:
-        return next(self.generator.parameters()).device
-
-    def __len__(self) -> int:
-        """Samples in the pool."""
-        return sum(len(b) for b in self._pool)
-
-    def check(self, teacher: nn.Module, student: nn.Module | None = None) -> None:
-        if "bn" in self.objective.active and not bn_layers(teacher):
-            raise ConfigError(
-                "generator loss term 'bn' needs a teacher with BatchNorm layers (e.g. resnet8, mobilenetv2)"
-            )
-        if "adv" in self.objective.active and student is None:
-            raise ConfigError("generator loss term 'adv' needs a student")
-
-    def augment(self, x: Tensor) -> Tensor:
-        return random_crop_flip(x, self.crop_padding, self.flip, self._rng)
-
     def step(self, teacher: nn.Module, student: nn.Module | None = None) -> dict[str, float]:
         """One synthesis call: optimize a new batch from the meta generator, pool it, meta-update.
 
@@ -240,10 +323,7 @@ class FastSynthesizer:
                     terms["oh"] = oh_loss(t, y)
                 if adversarial:
                     assert student is not None
-                    s = student(xa)
-                    agree = (s.argmax(1) == t.argmax(1)).float()
-                    kl = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="none").sum(1)
-                    terms["adv"] = -(kl * agree).mean()
+                    terms["adv"] = masked_kl_adv(student(xa), t)
                 total = sum((w[k] * v for k, v in terms.items()), torch.zeros((), device=dev))
                 value = float(total.detach())
                 if best is None or value < best[0]:
@@ -269,39 +349,9 @@ class FastSynthesizer:
                     for (am, av), (m, v) in zip(self._bn_average, last, strict=True)
                 ]
         assert best is not None
-        self._pool.append(best[1].cpu())
-        if self.pool_size and len(self._pool) > self.pool_size:
-            self._pool = self._pool[-self.pool_size :]
+        self._keep(best[1])
         out = {"g_loss": best[0], **{f"g_{k}": v for k, v in best[2].items()}, "pool": float(len(self))}
         return out
-
-    def _draw(self, n: int) -> Tensor:
-        pool = torch.cat(self._pool) if len(self._pool) > 1 else self._pool[0]
-        idx = torch.randperm(len(pool), generator=self._rng)[: min(n, len(pool))]
-        return pool[idx].to(self.device)
-
-    def source(self, mode: str = "train") -> BatchSource:
-        """Student batches: ``batch_size`` pooled samples drawn at random, augmented (no labels)."""
-
-        def draw() -> tuple[Tensor, Tensor | None]:
-            if not self._pool:
-                raise RuntimeError("the pool is empty: call step() first")
-            with torch.no_grad():
-                return self.augment(self._draw(self.batch_size)), None
-
-        return draw
-
-    @torch.no_grad()
-    def sample(self, n: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """The newest ``n`` pooled samples (no labels; ``z`` is empty)."""
-        n = n or self.batch_size
-        recent = torch.cat(self._pool[::-1])[:n] if self._pool else torch.zeros(0)
-        return recent.to(self.device), None, torch.zeros(0)
-
-    @torch.no_grad()
-    def probe(self, z: Tensor, y: Tensor | None) -> Tensor:
-        """What the student learns from now: the newest pooled samples (the probe's noise is unused)."""
-        return self.sample(len(z))[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -321,3 +371,246 @@ class FastSynthesizer:
         avg = state["bn_average"]
         self._bn_average = [(m, v) for m, v in avg] if avg else None
         self.calls = int(state["calls"])
+
+
+CMI_TERMS = ("bn", "oh", "adv")
+
+
+class InstanceMeans:
+    """Forward hooks collecting the per-channel spatial mean of the input of every BatchNorm2d
+    layer of ``model`` (CMI's ``InstanceMeanHook``), one ``(B, Σ channels)`` matrix per forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.means: list[Tensor] = []
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        self.means.append(inputs[0].mean((2, 3)))
+
+    def __enter__(self) -> InstanceMeans:
+        self.means = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def take(self) -> Tensor:
+        """The features of the forward since the last call."""
+        out, self.means = torch.cat(self.means, 1), []
+        return out
+
+
+def reinit_generator(generator: nn.Module, rng: torch.Generator) -> None:
+    """CMI's ``reset_model``: conv / linear weights ~ N(0, 0.02), biases 0; BN weights ~ N(1, 0.02), biases 0."""
+    with torch.no_grad():
+        for m in generator.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=rng) * 0.02)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d) and m.affine:
+                m.weight.copy_(1.0 + torch.randn(m.weight.shape, generator=rng) * 0.02)
+                m.bias.zero_()
+
+
+@SYNTHESIZERS.register("cmi")
+class CMISynthesizer(PooledSynthesizer):
+    """CMI: contrastive model inversion; every call inverts a new batch from a re-initialized generator.
+
+    Parameters
+    ----------
+    generator, objective, batch_size, lr, seed, warmup
+        As :class:`FastSynthesizer` (``lr`` is the Adam rate of the generator, ``z`` and the head).
+    iterations : int
+        Optimization steps per batch (CMI: 200; its tuned fast variant: 5).
+    contrastive : float
+        Weight ``cr`` of the contrastive loss (0: plain DeepInversion with a generator).
+    cr_temperature : float
+        Temperature of the contrastive logits.
+    bank_size : int
+        Feature pairs kept in the memory bank (FIFO).
+    negatives : int
+        Bank features drawn per step as negatives.
+    head_dim : int
+        Output width of the projection head.
+    local_scale : float
+        Smallest area fraction of the local view's random resized crop.
+    pool_size, crop_padding, flip
+        As :class:`FastSynthesizer`.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        objective: Objective,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        warmup: int,
+        iterations: int = 200,
+        contrastive: float = 0.8,
+        cr_temperature: float = 0.2,
+        bank_size: int = 40960,
+        negatives: int = 4096,
+        head_dim: int = 256,
+        local_scale: float = 0.25,
+        pool_size: int = 0,
+        crop_padding: int = 4,
+        flip: bool = False,
+    ) -> None:
+        extra = sorted(set(objective.active) - set(CMI_TERMS))
+        if extra:
+            raise ConfigError(f"synthesizer 'cmi' takes the terms {', '.join(CMI_TERMS)}; got {', '.join(extra)}")
+        if getattr(generator, "conditional", False):
+            raise ConfigError("synthesizer 'cmi' needs an unconditional generator (its labels go to the teacher only)")
+        checks = (
+            (iterations >= 1, f"synthesizer.cmi.iterations must be ≥ 1, got {iterations}"),
+            (contrastive >= 0, f"synthesizer.cmi.contrastive must be ≥ 0, got {contrastive}"),
+            (cr_temperature > 0, f"synthesizer.cmi.cr-temperature must be > 0, got {cr_temperature}"),
+            (bank_size >= 1, f"synthesizer.cmi.bank-size must be ≥ 1, got {bank_size}"),
+            (negatives >= 1, f"synthesizer.cmi.negatives must be ≥ 1, got {negatives}"),
+            (head_dim >= 1, f"synthesizer.cmi.head-dim must be ≥ 1, got {head_dim}"),
+            (0 < local_scale <= 1, f"synthesizer.cmi.local-scale must be in (0, 1], got {local_scale}"),
+            (pool_size >= 0, f"synthesizer.cmi.pool-size must be ≥ 0, got {pool_size}"),
+            (crop_padding >= 0, f"synthesizer.cmi.crop-padding must be ≥ 0, got {crop_padding}"),
+            (batch_size >= 1, f"synthesis batch size must be ≥ 1, got {batch_size}"),
+            (lr > 0, f"generator learning rate must be > 0, got {lr}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        self.generator = generator
+        self.objective = objective
+        self.batch_size = batch_size
+        self.lr = lr
+        self.warmup = warmup
+        self.iterations = iterations
+        self.contrastive = contrastive
+        self.cr_temperature = cr_temperature
+        self.bank_size = bank_size
+        self.negatives = negatives
+        self.head_dim = head_dim
+        self.local_scale = local_scale
+        self.pool_size = pool_size
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.num_classes: int = getattr(generator, "num_classes")  # noqa: B009
+        self.latent_dim: int = getattr(generator, "latent_dim")  # noqa: B009
+        self._rng = torch.Generator().manual_seed(seed)
+        self._pool: list[Tensor] = []
+        self._bank: Tensor | None = None  # (n, 2·D): local ⊕ global features of kept batches
+        self.head: nn.Module | None = None  # built on the first call, when the feature width is known
+        self.head_optimizer: torch.optim.Optimizer | None = None
+        self._pending_head: dict[str, Any] | None = None
+        self.calls = 0
+
+    def _build_head(self, dim: int) -> None:
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=self._rng)))
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, self.head_dim)).to(self.device)
+        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=self.lr)
+        if self._pending_head is not None:  # restored from a checkpoint before the first call
+            self.head.load_state_dict(self._pending_head["head"])
+            self.head_optimizer.load_state_dict(self._pending_head["optimizer"])
+            self._pending_head = None
+
+    def contrastive_loss(self, local: Tensor, glob: Tensor) -> Tensor:
+        """InfoNCE of the local views against the global ones, the bank's pairs as extra rows and columns."""
+        assert self.head is not None
+        n = len(local)
+        cached_l = cached_g = local[:0]
+        if self._bank is not None:
+            idx = torch.randperm(len(self._bank), generator=self._rng)[: self.negatives]
+            cached_l, cached_g = self._bank[idx].to(local.device).chunk(2, dim=1)
+        proj = F.normalize(self.head(torch.cat([local, cached_l, glob, cached_g])), dim=1)
+        p_local, p_global = proj.chunk(2, dim=0)
+        logits = p_local @ p_global.detach().T / self.cr_temperature
+        per = F.cross_entropy(logits, torch.arange(len(logits), device=logits.device), reduction="none")
+        return per[:n].mean() + per[n:].mean() if len(per) > n else per.mean()
+
+    def step(self, teacher: nn.Module, student: nn.Module | None = None) -> dict[str, float]:
+        """One synthesis call: invert a new batch from a re-initialized generator, pool it, bank its features."""
+        self.calls += 1
+        adversarial = student is not None and self.calls > self.warmup and "adv" in self.objective.active
+        w = self.objective.active
+        dev = self.device
+        reinit_generator(self.generator, self._rng)
+        self.generator.train()
+        z = torch.randn(self.batch_size, self.latent_dim, generator=self._rng).to(dev).requires_grad_(True)
+        y = torch.randint(self.num_classes, (self.batch_size,), generator=self._rng).sort().values.to(dev)
+        groups: list[dict[str, Any]] = [{"params": list(self.generator.parameters())}, {"params": [z]}]
+        opt = torch.optim.Adam(groups, lr=self.lr, betas=(0.5, 0.999))
+        best: tuple[float, Tensor, dict[str, float], Tensor | None] | None = None
+        means = InstanceMeans(teacher)
+        modes = [m for m in (teacher, student) if m is not None]
+        with eval_mode(*modes), means:
+            for _ in range(self.iterations):
+                x = self.generator(z)
+                glob_view = self.augment(x)
+                terms: dict[str, Tensor] = {}
+                if "bn" in w:
+                    with BNStatistics(teacher) as stats:
+                        t = teacher(glob_view)
+                    terms["bn"] = stats.loss
+                else:
+                    t = teacher(glob_view)
+                glob = means.take()
+                if "oh" in w:
+                    terms["oh"] = oh_loss(t, y)
+                if adversarial:
+                    assert student is not None
+                    terms["adv"] = masked_kl_adv(student(glob_view), t)
+                feats: Tensor | None = None
+                total = sum((w[k] * v for k, v in terms.items()), torch.zeros((), device=dev))
+                if self.contrastive > 0:
+                    teacher(random_resized_crop(x, (self.local_scale, 1.0), self.flip, self._rng))
+                    local = means.take()
+                    if self.head is None:
+                        self._build_head(local.shape[1])
+                    terms["cr"] = self.contrastive_loss(local, glob)
+                    total = total + self.contrastive * terms["cr"]
+                    feats = torch.cat([local, glob], 1).detach()
+                value = float(total.detach())
+                if best is None or value < best[0]:
+                    best = (value, x.detach().clone(), {k: float(v.detach()) for k, v in terms.items()}, feats)
+                opt.zero_grad(set_to_none=True)
+                if self.head_optimizer is not None:
+                    self.head_optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                if self.head_optimizer is not None and self.contrastive > 0:
+                    self.head_optimizer.step()
+        assert best is not None
+        self._keep(best[1])
+        if best[3] is not None:
+            kept = best[3].cpu()
+            self._bank = kept if self._bank is None else torch.cat([self._bank, kept])[-self.bank_size :]
+        return {"g_loss": best[0], **{f"g_{k}": v for k, v in best[2].items()}, "pool": float(len(self))}
+
+    def state_dict(self) -> dict[str, Any]:
+        head = None
+        if self.head is not None and self.head_optimizer is not None:
+            head = {"head": self.head.state_dict(), "optimizer": self.head_optimizer.state_dict()}
+        return {"generator": self.generator.state_dict(), "rng": self._rng.get_state(), "pool": list(self._pool),
+                "bank": self._bank, "head": head, "calls": self.calls}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self._rng.set_state(state["rng"])
+        self._pool = list(state["pool"])
+        self._bank = state["bank"]
+        self.calls = int(state["calls"])
+        if state["head"] is not None:
+            if self.head is None:
+                self._pending_head = state["head"]
+                dim = state["head"]["head"]["0.weight"].shape[1]
+                saved_rng = self._rng.get_state()
+                self._build_head(dim)  # consumes a seed draw; restore the stream afterwards
+                self._rng.set_state(saved_rng)
+            else:
+                assert self.head_optimizer is not None
+                self.head.load_state_dict(state["head"]["head"])
+                self.head_optimizer.load_state_dict(state["head"]["optimizer"])

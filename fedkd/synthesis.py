@@ -229,6 +229,8 @@ PRESETS.add(
     "lra-official",
     Objective({"oh": 1.0, "ie": 5.0 / math.log(10.0), "act": 0.1, "adv": 1.0}, adv_metric="js-lra", temperature=3.0),
 )
+# CMI's CIFAR script (scripts/cmi_cifar.sh): bn 1, oh 1, adv 0.5 (its contrastive weight is synthesizer.cmi.contrastive).
+PRESETS.add("cmi", Objective({"bn": 1.0, "oh": 1.0, "adv": 0.5}, adv_metric="kl-masked"))
 # Fast-DFKD's CIFAR-100 ResNet-34 script (scripts/fast_cifar.sh): bn 10, oh 0.5, adv 1.33 on the masked KL.
 PRESETS.add("fast", Objective({"bn": 10.0, "oh": 0.5, "adv": 1.33}, adv_metric="kl-masked"))
 PRESETS.add("none", Objective({}))
@@ -570,7 +572,7 @@ SAMPLE_MODES: tuple[str, ...] = ("train", "eval")
 #: How ``fedkd dfkd`` makes pseudo-samples (config ``synthesizer.name``; the parameters of the
 #: registered factory's keyword arguments with defaults are ``synthesizer.<name>.<param>``). A
 #: factory is called as ``factory(generator, objective, batch_size, lr, seed, warmup, **params)``.
-#: ``generator``: this module's continual :class:`Synthesizer`; ``fast``: :mod:`fedkd.inversion`.
+#: ``generator``: this module's continual :class:`Synthesizer`; ``fast`` and ``cmi``: :mod:`fedkd.inversion`.
 SYNTHESIZERS: Registry[Any] = Registry("synthesizer")
 
 

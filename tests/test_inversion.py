@@ -31,7 +31,7 @@ def _fast(seed: int = 0, **kw: object) -> tuple[FastSynthesizer, nn.Module, nn.M
 
 def test_registry_and_config_agree() -> None:
     choices = {k.name: k.choices for k in CORE_KEYS}
-    assert set(choices["synthesizer.name"] or ()) == set(SYNTHESIZERS.names()) == {"generator", "fast"}
+    assert set(choices["synthesizer.name"] or ()) == set(SYNTHESIZERS.names()) == {"generator", "fast", "cmi"}
 
 
 def test_the_meta_gradient_is_the_clones_gradient_fomaml() -> None:
@@ -177,7 +177,9 @@ def test_fedkd_dfkd_with_fast_warms_up_pools_and_resumes(tmp_path: Path) -> None
 
 
 BAD = [
-    (["synthesizer.name=cmi"], "synthesizer.name must be one of generator, fast"),
+    (["synthesizer.name=dfq"], "synthesizer.name must be one of generator, fast, cmi"),
+    (["synthesizer.name=cmi", "synthesis.preset=cmi", "dfkd.teacher=resnet8", "synthesizer.cmi.local-scale=0"],
+     "synthesizer.cmi.local-scale must be in (0, 1]"),
     (["synthesizer.name=fast", "synthesis.preset=fast", "dfkd.teacher=resnet8", "synthesizer.fast.iterations=0"],
      "synthesizer.fast.iterations must be ≥ 1"),
     (["synthesizer.name=fast", "synthesis.preset=dafl"], "synthesizer 'fast' takes the terms bn, oh, adv; got act, ie"),
@@ -195,3 +197,99 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], sets: lis
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- CMI
+
+from fedkd.inversion import CMISynthesizer, InstanceMeans, random_resized_crop  # noqa: E402
+
+
+def _cmi(seed: int = 0, **kw: object) -> tuple[CMISynthesizer, nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    teacher = build_model("resnet8", SHAPE, 10).eval().requires_grad_(False)
+    student = build_model("lenet5-half", SHAPE, 10)
+    gen = build_generator("image", SHAPE, 10, latent_dim=8, base_channels=4)
+    opts = {"iterations": 3, "crop_padding": 1, "head_dim": 8, "negatives": 20, **kw}
+    return CMISynthesizer(gen, PRESETS.get("cmi"), 16, 1e-3, seed, 0, **opts), teacher, student  # type: ignore[arg-type]
+
+
+def test_cmi_instance_means_are_the_bn_inputs_channel_means() -> None:
+    teacher = build_model("resnet8", SHAPE, 10).eval()
+    x = torch.randn(4, *SHAPE)
+    seen: list[torch.Tensor] = []
+    bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    handles = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].mean((2, 3)))) for m in bns]
+    with InstanceMeans(teacher) as means:
+        teacher(x)
+        feats = means.take()
+    for h in handles:
+        h.remove()
+    assert feats.shape == (4, sum(m.num_features for m in bns))
+    assert torch.allclose(feats, torch.cat(seen, 1))
+
+
+@torch.no_grad()
+def test_cmi_contrastive_loss_is_infonce_over_the_batch_and_the_bank() -> None:
+    synth, _, _ = _cmi()
+    synth._build_head(6)
+    torch.manual_seed(0)
+    local, glob = torch.randn(5, 6), torch.randn(5, 6)
+    head = synth.head
+    assert head is not None
+    p = F.normalize(head(torch.cat([local, glob])), dim=1)
+    want = F.cross_entropy(p[:5] @ p[5:].T / 0.2, torch.arange(5))
+    assert float(synth.contrastive_loss(local, glob)) == pytest.approx(float(want), rel=1e-5)
+    # with a bank: its pairs are extra rows and columns, the two parts averaged separately
+    synth._bank = torch.randn(3, 12)
+    synth.negatives = 3
+    bank_l, bank_g = synth._bank.chunk(2, dim=1)
+    rng_state = synth._rng.get_state()
+    idx = torch.randperm(3, generator=synth._rng)
+    synth._rng.set_state(rng_state)
+    q = F.normalize(head(torch.cat([local, bank_l[idx], glob, bank_g[idx]])), dim=1)
+    per = F.cross_entropy(q[:8] @ q[8:].T / 0.2, torch.arange(8), reduction="none")
+    assert float(synth.contrastive_loss(local, glob)) == pytest.approx(float(per[:5].mean() + per[5:].mean()), rel=1e-5)
+
+
+def test_cmi_reinitializes_the_generator_banks_features_and_pools_every_batch() -> None:
+    synth, teacher, student = _cmi()
+    trained = []
+    for k in range(1, 4):
+        stats = synth.step(teacher, student)
+        assert {"g_bn", "g_oh", "g_adv", "g_cr"} <= set(stats)
+        assert len(synth) == 16 * k and synth._bank is not None and len(synth._bank) == 16 * k
+        trained.append([p.detach().clone() for p in synth.generator.parameters()])
+    lin = next(m for m in synth.generator.modules() if isinstance(m, nn.Linear))
+    from fedkd.inversion import reinit_generator
+
+    reinit_generator(synth.generator, torch.Generator().manual_seed(5))
+    assert abs(float(lin.weight.std()) - 0.02) < 0.005 and float(lin.bias.abs().max()) == 0.0
+    capped, t2, s2 = _cmi(bank_size=20)
+    for _ in range(3):
+        capped.step(t2, s2)
+    assert capped._bank is not None and len(capped._bank) == 20, "FIFO bank"
+    off, t3, s3 = _cmi(contrastive=0.0)
+    assert "g_cr" not in off.step(t3, s3) and off._bank is None and off.head is None
+
+
+def test_random_resized_crop_keeps_the_shape_and_the_gradient() -> None:
+    x = torch.randn(6, 1, 8, 8, requires_grad=True)
+    out = random_resized_crop(x, (0.25, 1.0), True, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_fedkd_dfkd_with_cmi_runs_and_resumes(tmp_path: Path) -> None:
+    cmi = [s.replace("fast", "cmi") for s in FAST] + ["synthesizer.cmi.head-dim=8", "synthesizer.cmi.negatives=16"]
+    sets = [*_sets(cmi), "--set", f"dfkd.teacher-cache={tmp_path}"]
+    assert main(["dfkd", "--out", str(tmp_path / "a"), *sets]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pool"] for r in rows] == [16, 32, 48, 64] and all("g_cr" in r for r in rows)
+    assert main(["dfkd", "--out", str(tmp_path / "b"), *sets]) == 0
+    (tmp_path / "b" / "checkpoint-00004.pt").unlink()
+    (tmp_path / "b" / "summary.json").unlink()
+    assert main(["dfkd", "--resume", str(tmp_path / "b")]) == 0
+    strip = lambda d: [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "elapsed")}  # noqa: E731
+                       for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert strip("b") == strip("a"), "the pool, the bank and the head were restored"
