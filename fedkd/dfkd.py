@@ -532,6 +532,7 @@ def plot_samples(plan: DFKDPlan, path: Path, n: int = 64) -> None:
     with torch.no_grad():
         x, y, _ = plan.synthesizer.sample(n)
         pred = plan.teacher(x).argmax(1).cpu()
+    n = len(x)  # a pooled synthesizer may hold fewer
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)
     img = (x.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,169 @@
+"""The teacher/student pair matrix of data-free KD: does `fedkd dfkd` work for every registered pair?
+
+Teachers {lenet5, cnn, resnet8, mobilenetv2} × students {lenet5-half, mlp, cnn} on mnist5k, and
+three pairs on 8×8 digits, each run with one recipe (default: the shipped DFAD config,
+``sims/dfkd-mnist5k-dfad.toml``, i.e. the default ``dfad`` preset). Every run is a real
+``fedkd dfkd`` run directory under ``OUT/<method>/<dataset>-<teacher>-<student>/seed<k>``;
+a finished one is reused (rerun the command to continue an interrupted matrix). Teachers are
+cached in ``OUT/teachers`` and shared by every method. ::
+
+    python benchmarks/dfkd_pairs.py --out runs/dfkd-pairs                      # the whole matrix, seed 0
+    python benchmarks/dfkd_pairs.py --out runs/dfkd-pairs --seeds 3 --pairs mnist5k:lenet5:lenet5-half
+    python benchmarks/dfkd_pairs.py --out runs/dfkd-pairs --method fast        # Fast-DFKD (BN teachers)
+
+writes ``OUT/<method>.md`` and ``OUT/<method>.csv``: teacher accuracy, student final and best,
+final / teacher, the goal (≥ 0.90 of the teacher, ≥ 0.95 for a pair of one family), epochs
+flagged as generator collapse, and wall time; mean ± std over seeds where there are several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedkd.config import load_config  # noqa: E402
+from fedkd.errors import UserError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHERS = ("lenet5", "cnn", "resnet8", "mobilenetv2")
+STUDENTS = ("lenet5-half", "mlp", "cnn")
+DIGITS = (("lenet5", "lenet5-half"), ("lenet5", "mlp"), ("resnet8", "mlp"))
+FAMILY = {"lenet5": "lenet", "lenet5-half": "lenet", "cnn": "cnn", "cnn-bn": "cnn", "mlp": "mlp",
+          "resnet8": "resnet", "mobilenetv2": "mobilenet"}  # fmt: skip
+BN_TEACHERS = ("resnet8", "mobilenetv2", "cnn-bn")
+# method -> (base sim, extra --set items, needs a BatchNorm teacher)
+METHODS: dict[str, tuple[str, list[str], bool]] = {
+    "dfad": ("sims/dfkd-mnist5k-dfad.toml", [], False),
+    "adi": ("sims/dfkd-mnist5k-dfad.toml", ["synthesis.preset=adi"], True),
+    "fast": (
+        "sims/dfkd-mnist5k-dfad.toml",
+        ["synthesizer.name=fast", "synthesis.preset=fast", "synthesis.lr=5e-3", "synthesizer.fast.iterations=2",
+         "generator.image.latent-dim=256", "dfkd.iterations=1", "distill.steps=50", "dfkd.warmup-epochs=2",
+         "distill.loss=kl", "distill.temperature=20", "distill.lr=0.1", "distill.lr-schedule=cosine",
+         "distill.weight-decay=1e-4", "synthesizer.fast.crop-padding=2"],
+        True,
+    ),
+    "cmi": (
+        "sims/dfkd-mnist5k-dfad.toml",
+        ["synthesizer.name=cmi", "synthesis.preset=cmi", "synthesizer.cmi.iterations=20",
+         "generator.image.latent-dim=256", "dfkd.iterations=1", "distill.steps=50", "distill.loss=kl",
+         "distill.temperature=20", "distill.lr=0.1", "distill.lr-schedule=cosine", "distill.weight-decay=1e-4",
+         "synthesizer.cmi.crop-padding=2"],
+        True,
+    ),
+}  # fmt: skip
+
+
+def all_pairs() -> list[tuple[str, str, str]]:
+    return [("mnist5k", t, s) for t in TEACHERS for s in STUDENTS] + [("digits", t, s) for t, s in DIGITS]
+
+
+def parse_pairs(text: str) -> list[tuple[str, str, str]]:
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3:
+            raise UserError(f"--pairs: {item!r} is not DATASET:TEACHER:STUDENT")
+        out.append((parts[0], parts[1], parts[2]))
+    return out
+
+
+def run_one(method: str, ds: str, teacher: str, student: str, seed: int, out: Path, sets: list[str]) -> dict[str, Any]:
+    """One `fedkd dfkd` run (reused when finished); its summary."""
+    from fedkd import dfkd
+
+    run_dir = out / method / f"{ds}-{teacher}-{student}" / f"seed{seed}"
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text(encoding="utf-8"))
+    sim, extra, _ = METHODS[method]
+    items = [f"dataset.name={ds}", f"dfkd.teacher={teacher}", f"dfkd.student={student}",
+             f"dfkd.teacher-cache={out / 'teachers'}", *extra, *sets]  # fmt: skip
+    cfg = load_config(REPO / sim, items, seed)
+    if run_dir.exists():  # an interrupted run: start it again
+        for f in run_dir.iterdir():
+            f.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    t = time.perf_counter()
+
+    def line(row: dict[str, Any]) -> None:
+        print(f"  {method} {ds} {teacher}->{student} s{seed} " + dfkd.format_epoch(row, cfg.int("dfkd.epochs")),
+              flush=True)  # fmt: skip
+
+    summary = dfkd.run(cfg, run_dir, line)
+    print(f"{method} {ds} {teacher} -> {student} seed {seed}: teacher {summary['teacher_accuracy']:.4f} "
+          f"student {summary['student_final_accuracy']:.4f} ({time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
+    return summary
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    v = np.asarray(values, dtype=float) * scale
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def table(method: str, results: dict[tuple[str, str, str], list[dict[str, Any]]]) -> tuple[str, str]:
+    """Markdown and CSV of the matrix."""
+    head = ["dataset", "teacher", "student", "seeds", "teacher %", "student final %", "best %", "final / teacher %",
+            "goal", "met", "collapse epochs", "wall s"]  # fmt: skip
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([h.replace(" %", "_pct").replace(" / ", "_over_").replace(" ", "_") for h in head])
+    for (ds, t, s), runs in results.items():
+        ratio = [r["student_final_accuracy"] / r["teacher_accuracy"] for r in runs]
+        goal = 0.95 if FAMILY.get(t) == FAMILY.get(s) else 0.90
+        met = float(np.mean(ratio)) >= goal
+        row = [ds, t, s, str(len(runs)), _cell([r["teacher_accuracy"] for r in runs]),
+               _cell([r["student_final_accuracy"] for r in runs]), _cell([r["student_best_accuracy"] for r in runs]),
+               _cell(ratio), f"≥ {goal * 100:.0f}", "yes" if met else "**no**",
+               _cell([r.get("collapse_epochs", 0) for r in runs], 1.0, 0), _cell([r["wall_seconds"] for r in runs], 1.0, 0)]  # fmt: skip
+        md.append("| " + " | ".join(row) + " |")
+        w.writerow([*row[:9], "yes" if met else "no", *row[10:]])
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output directory (reused: finished runs are kept)")
+    p.add_argument("--method", default="dfad", choices=sorted(METHODS), help="recipe (default dfad)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per pair (0, 1, ...)")
+    p.add_argument("--pairs", help="comma-separated DATASET:TEACHER:STUDENT (default: the whole matrix)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every run")
+    args = p.parse_args(argv)
+    try:
+        pairs = parse_pairs(args.pairs) if args.pairs else all_pairs()
+        needs_bn = METHODS[args.method][2]
+        skipped = [x for x in pairs if needs_bn and x[1] not in BN_TEACHERS]
+        pairs = [x for x in pairs if x not in skipped]
+        if skipped:
+            print(f"{args.method} needs a BatchNorm teacher; skipping {', '.join(':'.join(x) for x in skipped)}")
+        out = Path(args.out)
+        results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for pair in pairs:
+            for seed in range(args.seeds):
+                results.setdefault(pair, []).append(run_one(args.method, *pair, seed, out, args.set))
+                md, text = table(args.method, results)  # rewritten after every run: partial tables survive
+                (out / f"{args.method}.md").write_text(md, encoding="utf-8")
+                (out / f"{args.method}.csv").write_text(text, encoding="utf-8")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(md, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
