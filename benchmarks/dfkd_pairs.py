@@ -11,7 +11,12 @@ cached in ``OUT/teachers`` and shared by every method. ::
     python benchmarks/dfkd_pairs.py --out runs/dfkd-pairs --seeds 3 --pairs mnist5k:lenet5:lenet5-half
     python benchmarks/dfkd_pairs.py --out runs/dfkd-pairs --method fast        # Fast-DFKD (BN teachers)
 
-writes ``OUT/<method>.md`` and ``OUT/<method>.csv``: teacher accuracy, student final and best,
+    python benchmarks/dfkd_pairs.py --out runs/dfkd-pairs --speed mnist5k:resnet8:lenet5-half --methods adi,fast
+
+``--speed`` runs (or reuses) each method on one pair and compares accuracy against wall time:
+``OUT/speed-<pair>.md`` (seconds to reach 50 / 80 / 90 % of the teacher, and the ratio of each
+method's time to the first method's) and ``OUT/speed-<pair>.png`` (accuracy vs elapsed seconds).
+Without ``--speed`` it teacher accuracy, student final and best,
 final / teacher, the goal (≥ 0.90 of the teacher, ≥ 0.95 for a pair of one family), epochs
 flagged as generator collapse, and wall time; mean ± std over seeds where there are several.
 """
@@ -135,6 +140,51 @@ def table(method: str, results: dict[tuple[str, str, str], list[dict[str, Any]]]
     return "\n".join(md) + "\n", buf.getvalue()
 
 
+def time_to(run_dir: Path, fraction: float, teacher: float) -> float | None:
+    """Elapsed seconds (teacher included) at the first epoch whose accuracy reaches ``fraction · teacher``."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return next((float(r["elapsed"]) for r in rows if r["accuracy"] >= fraction * teacher), None)
+
+
+def speed(out: Path, pair: tuple[str, str, str], methods: list[str], sets: list[str]) -> str:
+    """Accuracy against wall time for several methods on one pair (seed 0); the Markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = "-".join(pair)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = ["| method | teacher % | final % | best % | s to 50% | s to 80% | s to 90% | × first method (90%) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    base: float | None = None
+    for m in methods:
+        summary = run_one(m, *pair, 0, out, sets)
+        run_dir = out / m / name / "seed0"
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        ax.plot([r["elapsed"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=2, label=m)
+        t = summary["teacher_accuracy"]
+        marks = [time_to(run_dir, f, t) for f in (0.5, 0.8, 0.9)]
+        base = marks[2] if base is None else base
+        ratio = f"{marks[2] / base:.2f}" if marks[2] is not None and base else "n/a"
+        cells = ["never" if v is None else f"{v:.0f}" for v in marks]
+        lines.append(f"| {m} | {t * 100:.1f} | {summary['student_final_accuracy'] * 100:.1f} | "
+                     f"{summary['student_best_accuracy'] * 100:.1f} | {' | '.join(cells)} | {ratio} | "
+                     f"{summary['wall_seconds']:.0f} |")  # fmt: skip
+        ax.axhline(t, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("wall seconds (teacher included)")
+    ax.set_ylabel("student test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"{pair[1]} -> {pair[2]} on {pair[0]}: accuracy vs wall time")
+    fig.tight_layout()
+    fig.savefig(out / f"speed-{name}.png", dpi=110)
+    plt.close(fig)
+    md = "\n".join(lines) + "\n"
+    (out / f"speed-{name}.md").write_text(md, encoding="utf-8")
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (reused: finished runs are kept)")
@@ -142,8 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds per pair (0, 1, ...)")
     p.add_argument("--pairs", help="comma-separated DATASET:TEACHER:STUDENT (default: the whole matrix)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every run")
+    p.add_argument("--speed", metavar="DATASET:TEACHER:STUDENT", help="compare --methods on one pair against wall time")
+    p.add_argument("--methods", default="adi,fast", help="methods of --speed, comma-separated (default adi,fast)")
     args = p.parse_args(argv)
     try:
+        if args.speed:
+            methods = [m.strip() for m in args.methods.split(",")]
+            unknown = [m for m in methods if m not in METHODS]
+            if unknown:
+                raise UserError(f"--methods: unknown {', '.join(unknown)}; valid: {', '.join(sorted(METHODS))}")
+            (pair,) = parse_pairs(args.speed)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            print(speed(Path(args.out), pair, methods, args.set), end="")
+            return 0
         pairs = parse_pairs(args.pairs) if args.pairs else all_pairs()
         needs_bn = METHODS[args.method][2]
         skipped = [x for x in pairs if needs_bn and x[1] not in BN_TEACHERS]

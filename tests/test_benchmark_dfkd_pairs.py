@@ -34,3 +34,12 @@ def test_two_pairs_tabulate_and_rerun_reuses(tmp_path: Path) -> None:
     assert "| digits | resnet8 | mlp |" in (tmp_path / "pairs" / "fast.md").read_text()
     bad = _run(tmp_path, "--pairs", "digits:lenet5")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --pairs")
+
+
+def test_speed_compares_methods_against_wall_time(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "--speed", "digits:resnet8:mlp", "--methods", "adi,fast")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    md = (tmp_path / "pairs" / "speed-digits-resnet8-mlp.md").read_text()
+    assert "| adi |" in md and "| fast |" in md and (tmp_path / "pairs" / "speed-digits-resnet8-mlp.png").is_file()
+    bad = _run(tmp_path, "--speed", "digits:resnet8:mlp", "--methods", "adi,dfq")
+    assert bad.returncode == 2 and "unknown dfq" in bad.stderr
