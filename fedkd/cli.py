@@ -215,6 +215,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK if rows else EXIT_FAILURE
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from fedkd.compare import table_from_runs
+
+    command = "fedkd table " + " ".join(args.runs) + (f" --baseline {args.baseline}" if args.baseline else "")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out!r} exists and is not a directory")
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        raise UserError(f"--name {args.name!r} must be a plain file stem")
+    md, unfinished = table_from_runs([Path(p) for p in args.runs], out, command, args.baseline, args.name)
+    for run in unfinished:
+        print(f"note: {run} has not finished (no summary.json); left out", file=sys.stderr)
+    print(md, end="")
+    if out is not None:
+        print(f"table: {out / (args.name + '.md')} and {out / (args.name + '.csv')}; plot: {out / (args.name + '.png')}")
+    return EXIT_OK
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from fedkd.config import CORE_KEYS, declared_defaults
     from fedkd.data import DATASETS, PARTITIONERS
@@ -322,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also tabulate every other sim's paired per-seed difference against SIM (stem or path), "
                         "with 95%% t confidence intervals")  # fmt: skip
     c.set_defaults(func=cmd_compare)
+
+    t = sub.add_parser("table", help="tabulate and plot existing run directories (runs differing only in seed are grouped)")
+    t.add_argument("runs", nargs="+", help="run directories, or directories holding them (searched recursively)")
+    t.add_argument("--baseline", metavar="GROUP",
+                   help="also tabulate every other group's paired per-seed difference against GROUP, with 95%% t intervals")  # fmt: skip
+    t.add_argument("--out", help="write NAME.md, NAME.csv, NAME.png (and NAME_paired.csv) into this directory")
+    t.add_argument("--name", default="table", help="file stem of the outputs (default: table)")
+    t.set_defaults(func=cmd_table)
 
     li = sub.add_parser("list", help="list registered plug-ins")
     li.add_argument("--keys", action="store_true", help="list every config key with its default")

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,17 +81,20 @@ def to_markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        "Accuracies in %, mean ± std over seeds (sample std); σ² in %² (variance of the global test",
-        "accuracy over rounds, averaged over seeds); bytes are totals per run.",
+        "Accuracies in %, mean ± std over seeds (sample std; a single seed has no ±); σ² in %² (variance",
+        "of the global test accuracy over rounds, averaged over seeds); bytes are totals per run.",
         "",
         head,
         sep,
     ]
     for r in rows:
-        cells = [
-            f"{r[k]:.2f} ± {r[k + '_std']:.2f}" if k != "wall_seconds" else f"{r[k]:.1f} ± {r[k + '_std']:.1f}"
-            for k, _ in COLUMNS
-        ]
+        if r["seeds"] == 1:  # no spread to show: a zero std would read as "no variation"
+            cells = [f"{r[k]:.2f}" if k != "wall_seconds" else f"{r[k]:.1f}" for k, _ in COLUMNS]
+        else:
+            cells = [
+                f"{r[k]:.2f} ± {r[k + '_std']:.2f}" if k != "wall_seconds" else f"{r[k]:.1f} ± {r[k + '_std']:.1f}"
+                for k, _ in COLUMNS
+            ]
         lines.append(f"| {r['sim']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -172,7 +176,10 @@ def _pp(v: Any) -> float:
 
 
 def paired_differences(
-    results: Mapping[str, Mapping[int, Mapping[str, Any]]], baseline: str, confidence: float = 0.95
+    results: Mapping[str, Mapping[int, Mapping[str, Any]]],
+    baseline: str,
+    confidence: float = 0.95,
+    common_seeds: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-seed differences of every sim against ``baseline``, for each metric of :data:`PAIRED`.
 
@@ -184,6 +191,9 @@ def paired_differences(
         The sim the others are compared against.
     confidence : float, default 0.95
         Coverage of the confidence intervals (see :func:`paired_stats`).
+    common_seeds : bool, default False
+        Pair each sim on the seeds it shares with the baseline (``fedkd table`` over runs of
+        different seed counts) instead of requiring the baseline's seeds exactly.
 
     Returns
     -------
@@ -207,13 +217,14 @@ def paired_differences(
     for name, runs in results.items():
         if name == baseline:
             continue
-        if sorted(runs) != seeds:
+        shared = [s for s in seeds if s in runs] if common_seeds else seeds
+        if (not common_seeds and sorted(runs) != seeds) or not shared:
             raise ValueError(
                 f"{name} ran seeds {sorted(runs)}, the baseline {baseline} seeds {seeds}; cannot pair them"
             )
-        row: dict[str, Any] = {"sim": name, "baseline": baseline, "seeds": len(seeds)}
+        row: dict[str, Any] = {"sim": name, "baseline": baseline, "seeds": len(shared)}
         for key, _ in PAIRED:
-            diffs = [_pp(runs[s].get(key)) - _pp(base[s].get(key)) for s in seeds]
+            diffs = [_pp(runs[s].get(key)) - _pp(base[s].get(key)) for s in shared]
             mean, std, low, high = paired_stats(diffs, confidence)
             values = (mean, std, low, high, excludes_zero(low, high))
             row.update({f"{key}_{suffix}": v for suffix, v in zip(PAIRED_SUFFIXES, values, strict=True)})
@@ -363,15 +374,114 @@ def run_suite(
         by_seed[name][seed] = summary
         if on_run:
             on_run(name, seed, summary)
+    return write_tables(results, by_seed, curves, out, command, baseline)
+
+
+def write_tables(
+    results: dict[str, list[dict[str, Any]]],
+    by_seed: dict[str, dict[int, dict[str, Any]]],
+    curves: dict[str, list[list[float]]],
+    out: Path,
+    command: str,
+    baseline: str | None = None,
+    stem: str = "comparison",
+    title: str | None = None,
+    common_seeds: bool = False,
+) -> list[dict[str, Any]]:
+    """Write ``<stem>.md``, ``<stem>.csv``, ``<stem>.png`` (and ``<stem>_paired.csv`` with a
+    baseline) into ``out``; the summary rows. Shared by ``fedkd compare`` and ``fedkd table``."""
     rows = summarize(results)
     table = to_markdown(rows, command)
     if baseline is not None:
-        paired = paired_differences(by_seed, baseline)
+        paired = paired_differences(by_seed, baseline, common_seeds=common_seeds)
         table += "\n" + paired_to_markdown(paired, baseline)
-        (out / "comparison_paired.csv").write_text(paired_to_csv(paired), encoding="utf-8")
-    else:  # a resumed suite's earlier --baseline table would no longer match comparison.md
-        (out / "comparison_paired.csv").unlink(missing_ok=True)
-    (out / "comparison.md").write_text(table, encoding="utf-8")
-    (out / "comparison.csv").write_text(to_csv(rows), encoding="utf-8")
-    plot_curves(curves, out / "comparison.png", title=out.name)
+        (out / f"{stem}_paired.csv").write_text(paired_to_csv(paired), encoding="utf-8")
+    else:  # a resumed suite's earlier --baseline table would no longer match the table
+        (out / f"{stem}_paired.csv").unlink(missing_ok=True)
+    (out / f"{stem}.md").write_text(table, encoding="utf-8")
+    (out / f"{stem}.csv").write_text(to_csv(rows), encoding="utf-8")
+    plot_curves(curves, out / f"{stem}.png", title=out.name if title is None else title)
     return rows
+
+
+def _group_name(run_dir: Path) -> str:
+    return run_dir.parent.name if re.fullmatch(r"seed\d+", run_dir.name) else run_dir.name
+
+
+def collect_runs(paths: Sequence[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Finished run directories under ``paths``, grouped by resolved config without the seed.
+
+    A path is a run directory (it holds ``config.toml``) or a directory searched recursively
+    for them. Groups are named after the runs' directory (``<name>/seed<k>`` → ``name``); two
+    groups of one name get the config's strategy and an index. Returns the groups (in the order
+    first seen) and the unfinished runs (no ``summary.json``), which are left out.
+    """
+    found: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"{str(p)!r} does not exist")
+        if (p / CONFIG).is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(c.parent for c in p.rglob(CONFIG)))
+        else:
+            raise UserError(f"{str(p)!r} is not a run directory or a directory of runs")
+    found = list(dict.fromkeys(found))
+    if not found:
+        raise UserError(f"no run directory (with {CONFIG}) under {', '.join(map(str, paths))}")
+    groups: dict[str, tuple[str, list[Path]]] = {}  # config without seed -> (name, runs)
+    unfinished: list[Path] = []
+    for run in found:
+        if not (run / SUMMARY).is_file():
+            unfinished.append(run)
+            continue
+        try:
+            cfg = Config.from_toml((run / CONFIG).read_text(encoding="utf-8"))
+        except (UserError, ValueError) as e:
+            raise UserError(f"{run / CONFIG} is not a valid fedkd config: {e}") from None
+        key = cfg.to_toml(exclude=("seed",))
+        if key not in groups:
+            groups[key] = (_group_name(run), [])
+        groups[key][1].append(run)
+    named: dict[str, list[Path]] = {}
+    for name, runs in groups.values():
+        unique, k = name, 2
+        while unique in named:
+            unique, k = f"{name}-{k}", k + 1
+        named[unique] = runs
+    return named, unfinished
+
+
+def table_from_runs(
+    paths: Sequence[Path], out: Path | None, command: str, baseline: str | None = None, stem: str = "table"
+) -> tuple[str, list[Path]]:
+    """``fedkd table``: the comparison table (and plot, with ``out``) of existing runs; the
+    Markdown and the unfinished runs left out."""
+    groups, unfinished = collect_runs(paths)
+    if not groups:
+        raise UserError(f"no finished run under {', '.join(map(str, paths))} (none has {SUMMARY})")
+    if baseline is not None and baseline not in groups:
+        raise UserError(f"--baseline {baseline!r} is not one of the groups ({', '.join(groups)})")
+    if baseline is not None and len(groups) < 2:
+        raise UserError("--baseline needs at least one other group to compare against it")
+    results: dict[str, list[dict[str, Any]]] = {}
+    by_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    curves: dict[str, list[list[float]]] = {}
+    for name, runs in groups.items():
+        for run in runs:
+            seed = Config.from_toml((run / CONFIG).read_text(encoding="utf-8")).int("seed")
+            metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            curve = [m.get("accuracy") for m in metrics]
+            summary = with_curve_metrics(json.loads((run / SUMMARY).read_text(encoding="utf-8")), curve)
+            results.setdefault(name, []).append(summary)
+            by_seed.setdefault(name, {})[seed] = summary
+            curves.setdefault(name, []).append(curve)  # type: ignore[arg-type]
+    if out is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_tables(results, by_seed, curves, Path(tmp), command, baseline, stem, common_seeds=True)
+            return (Path(tmp) / f"{stem}.md").read_text(encoding="utf-8"), unfinished
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(results, by_seed, curves, out, command, baseline, stem, title=stem, common_seeds=True)
+    return (out / f"{stem}.md").read_text(encoding="utf-8"), unfinished

@@ -284,9 +284,10 @@ class Config(Mapping[str, Value]):
         vals.update({k.replace("__", "."): v for k, v in updates.items()})
         return Config(validate(vals))
 
-    def to_toml(self) -> str:
-        """The full resolved config as TOML (nested tables)."""
-        return tomli_w.dumps(nest(self._values))
+    def to_toml(self, exclude: Iterable[builtins.str] = ()) -> builtins.str:
+        """The full resolved config as TOML (nested tables), without the keys in ``exclude``."""
+        skip = set(exclude)
+        return tomli_w.dumps(nest({k: v for k, v in self._values.items() if k not in skip}))
 
     @classmethod
     def from_toml(cls, text: str) -> Config:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +249,63 @@ def test_paired_differences_needs_the_same_seeds():
         paired_differences({"a": _runs([0.5, 0.6]), "b": {0: _runs([0.5])[0], 2: _runs([0.6])[0]}}, "a")
     with pytest.raises(ValueError, match="not among the sims"):
         paired_differences({"a": _runs([0.5])}, "c")
+
+
+# --------------------------------------------------------------------------- fedkd table
+
+
+def test_fedkd_table_groups_existing_runs_by_config_and_pairs_on_shared_seeds(tmp_path, capsys):
+    """On the committed S1 run directories: no run is repeated, the table is the compare table."""
+    import shutil
+
+    from fedkd.cli import main
+
+    s1 = Path(__file__).resolve().parents[1] / "sims" / "results" / "s1"
+    runs = tmp_path / "runs"
+    for sim, seeds in (("mnist5k-fedavg-dir0.1", 5), ("mnist5k-fedgen-dir0.1", 3)):
+        for k in range(seeds):
+            shutil.copytree(s1 / sim / f"seed{k}", runs / sim / f"seed{k}",
+                            ignore=shutil.ignore_patterns("checkpoint-*"))  # fmt: skip
+    (runs / "mnist5k-fedgen-dir0.1" / "seed2" / "summary.json").unlink()  # an unfinished run
+    out = tmp_path / "tables"
+    assert main(["table", str(runs), "--baseline", "mnist5k-fedavg-dir0.1", "--out", str(out), "--name", "s1"]) == 0
+    captured = capsys.readouterr()
+    assert "seed2 has not finished (no summary.json); left out" in captured.err
+    md = (out / "s1.md").read_text()
+    assert "| mnist5k-fedavg-dir0.1 | 5 |" in md and "| mnist5k-fedgen-dir0.1 | 2 |" in md
+    paired = list(csv.DictReader(io.StringIO((out / "s1_paired.csv").read_text())))
+    assert [(r["sim"], r["seeds"]) for r in paired] == [("mnist5k-fedgen-dir0.1", "2")], "paired on seeds 0, 1"
+    fedgen = [json.loads((runs / "mnist5k-fedgen-dir0.1" / f"seed{k}" / "summary.json").read_text()) for k in (0, 1)]
+    fedavg = [json.loads((runs / "mnist5k-fedavg-dir0.1" / f"seed{k}" / "summary.json").read_text()) for k in (0, 1)]
+    want = sum(100 * (g["top5_accuracy"] - a["top5_accuracy"]) for g, a in zip(fedgen, fedavg)) / 2
+    assert float(paired[0]["top5_accuracy_diff"]) == pytest.approx(want, abs=1e-6)
+    assert (out / "s1.png").is_file() and (out / "s1.csv").is_file()
+    assert md in captured.out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["/nonexistent/runs"], "'/nonexistent/runs' does not exist"),
+        (["{tmp}"], "no run directory (with config.toml) under"),
+        (["{s1}/mnist5k-fedavg-dir0.1", "--baseline", "fedavg"], "--baseline 'fedavg' is not one of the groups"),
+        (["{s1}/mnist5k-fedavg-dir0.1", "--baseline", "mnist5k-fedavg-dir0.1"], "needs at least one other group"),
+        (["{s1}/mnist5k-fedavg-dir0.1", "--name", "../x"], "must be a plain file stem"),
+    ],
+)
+def test_fedkd_table_bad_input(tmp_path, capsys, args, message):
+    from fedkd.cli import main
+
+    s1 = str(Path(__file__).resolve().parents[1] / "sims" / "results" / "s1")
+    argv = ["table", *[a.replace("{tmp}", str(tmp_path)).replace("{s1}", s1) for a in args]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_single_seed_shows_no_zero_spread():
+    from fedkd.compare import summarize, to_markdown
+
+    one = summarize({"a": [{"final_accuracy": 0.5, "wall_seconds": 3.0}]})
+    md = to_markdown(one, "cmd")
+    assert "| a | 1 | 50.00 |" in md and "± 0.00" not in md.split("\n", 6)[-1]
