@@ -50,6 +50,8 @@ BN_TEACHERS = ("resnet8", "mobilenetv2", "cnn-bn")
 METHODS: dict[str, tuple[str, list[str], bool]] = {
     "dfad": ("sims/dfkd-mnist5k-dfad.toml", [], False),
     "adi": ("sims/dfkd-mnist5k-dfad.toml", ["synthesis.preset=adi"], True),
+    # DFAD plus DeepInversion's BN-statistics term: the candidate fix for BatchNorm teachers
+    "dfad-bn": ("sims/dfkd-mnist5k-dfad.toml", ["synthesis.weights=bn=1"], True),
     "fast": (
         "sims/dfkd-mnist5k-dfad.toml",
         ["synthesizer.name=fast", "synthesis.preset=fast", "synthesis.lr=5e-3", "synthesizer.fast.iterations=2",

@@ -284,10 +284,32 @@ class Config(Mapping[str, Value]):
         vals.update({k.replace("__", "."): v for k, v in updates.items()})
         return Config(validate(vals))
 
+    def resolved(self) -> dict[builtins.str, Value]:
+        """Every key this config runs with: the core keys and the parameters of every selected
+        plug-in (``<kind>.name``, and a strategy's ``base``), defaults included."""
+        out = dict(self._values)
+        names: list[tuple[builtins.str, builtins.str]] = []
+        for kind in PLUGIN_KINDS:
+            sel = out.get(f"{kind}.name")
+            if isinstance(sel, builtins.str) and sel in PLUGIN_KINDS[kind].registry():
+                names.append((kind, sel))
+        strategy = out.get("strategy.name")
+        if isinstance(strategy, builtins.str) and strategy in PLUGIN_KINDS["strategy"].registry():
+            base = out.get(f"strategy.{strategy}.base", None)
+            params = plugin_params("strategy", strategy)
+            if base is None and "base" in params:
+                base = params["base"].default
+            if isinstance(base, builtins.str) and base in PLUGIN_KINDS["strategy"].registry():
+                names.append(("strategy", base))
+        for kind, name in names:
+            for pname, p in plugin_params(kind, name).items():
+                out.setdefault(f"{kind}.{name}.{pname}", p.default)
+        return out
+
     def to_toml(self, exclude: Iterable[builtins.str] = ()) -> builtins.str:
-        """The full resolved config as TOML (nested tables), without the keys in ``exclude``."""
+        """The resolved config (:meth:`resolved`) as TOML (nested tables), without the keys in ``exclude``."""
         skip = set(exclude)
-        return tomli_w.dumps(nest({k: v for k, v in self._values.items() if k not in skip}))
+        return tomli_w.dumps(nest({k: v for k, v in sorted(self.resolved().items()) if k not in skip}))
 
     @classmethod
     def from_toml(cls, text: str) -> Config:

@@ -58,3 +58,22 @@ def test_local_and_ray_engines_give_the_same_metrics(tmp_path):
     ).read_bytes()
     assert [r["sampled"] for r in local] == [r["sampled"] for r in ray]
     assert local == ray
+
+
+def test_config_toml_is_the_resolved_config_and_rerunning_it_reproduces_the_run(tmp_path):
+    """Every key the run used is in config.toml, plug-in defaults included, so a later change of a
+    default cannot change what `fedkd run DIR/config.toml` repeats; the rerun is bit for bit."""
+    import tomllib
+
+    from fedkd.config import Config, plugin_params
+
+    extra = ["strategy.name=fedprox", "partition.name=dirichlet"]
+    assert main(argv(tmp_path / "a", "local", *extra)) == 0
+    text = (tmp_path / "a" / "config.toml").read_text()
+    cfg = tomllib.loads(text)
+    assert set(cfg["strategy"]["fedprox"]) == set(plugin_params("strategy", "fedprox")), "unset defaults written"
+    assert set(cfg["partition"]["dirichlet"]) == set(plugin_params("partition", "dirichlet"))
+    assert Config.from_toml(text).to_toml() == text, "reading and writing it changes nothing"
+    assert main(["run", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "b")]) == 0
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    assert (tmp_path / "b" / "config.toml").read_text() == text
