@@ -152,6 +152,12 @@ def save(run_dir: Path, server_round: int, payload: dict[str, Any], keep: int = 
     return path
 
 
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints of a finished run (0: none)."""
+    for old in checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint files of ``run_dir``, newest round first."""
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := PATTERN.match(p.name))]

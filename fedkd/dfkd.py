@@ -480,6 +480,7 @@ def distill(
     }
     if run_dir is not None:
         write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        ckpt.prune(run_dir, cfg.int("checkpoint.keep-final"))
         plot_dfkd_accuracy(recorder.rows, teacher.accuracy, run_dir / "accuracy.png", title=run_dir.name)
         plot_samples(plan, run_dir / "samples.png")
     return summary

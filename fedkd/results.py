@@ -11,7 +11,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,12 @@ def last_mean(accuracies: Sequence[float], k: int = 5) -> float | None:
 class RunRecorder:
     """Append per-round rows and write the summary; ``run_dir=None`` records in memory only."""
 
-    def __init__(self, run_dir: Path | None, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self, run_dir: Path | None, on_round: Callable[[dict[str, Any]], None] | None = None, title: str = ""
+    ) -> None:
         self.run_dir = run_dir
         self.on_round = on_round
+        self.title = title  # of accuracy.png (see run_title)
         self.rows: list[dict[str, Any]] = []
 
     def write_label_counts(self, counts: np.ndarray) -> None:
@@ -147,7 +150,7 @@ class RunRecorder:
         summary = _clean(summary)
         if self.run_dir is not None:
             write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-            plot_accuracy(self.rows, self.run_dir / "accuracy.png")
+            plot_accuracy(self.rows, self.run_dir / "accuracy.png", self.title or self.run_dir.name)
         return summary
 
 
@@ -211,16 +214,29 @@ def save_axes(fig: Any, ax: Any, path: Path, title: str = "") -> None:
     _pyplot().close(fig)
 
 
+def run_title(values: Mapping[str, Any], name: str = "") -> str:
+    """``name``, then strategy (and its base), dataset and partition of a resolved config."""
+    strategy = str(values.get("strategy.name", "?"))
+    base = values.get(f"strategy.{strategy}.base")
+    part = str(values.get("partition.name", "?"))
+    alpha = values.get(f"partition.{part}.alpha")
+    what = (f"{strategy}" + (f" on {base}" if base else "") + f" · {values.get('dataset.name', '?')} · {part}"
+            + (f" α={alpha}" if alpha is not None else "") + f" · {values.get('clients.num', '?')} clients")  # fmt: skip
+    return f"{name}\n{what}" if name else what
+
+
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Global and per-group test accuracy against rounds."""
+    """Global and per-group test accuracy against rounds. Groups are drawn first and solid; the
+    global model (one of them, or a distilled one) on top, dashed and thinner, so that the line of
+    the group it equals stays visible."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     rounds = [r["round"] for r in rows]
-    ax.plot(rounds, [r.get("accuracy") for r in rows], marker="o", lw=2, label="global model")
     groups = sorted({g for r in rows for g in (r.get("group_accuracy") or {})})
     if len(groups) > 1:
         for g in groups:
-            ax.plot(rounds, [(r.get("group_accuracy") or {}).get(g) for r in rows], lw=1, alpha=0.8, label=f"group {g}")
+            ax.plot(rounds, [(r.get("group_accuracy") or {}).get(g) for r in rows], lw=2.2, alpha=0.75, label=f"group {g}")
+    ax.plot(rounds, [r.get("accuracy") for r in rows], "k--", marker="o", ms=3, lw=1.3, label="global model", zorder=5)
     ax.set_xlabel("round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("test accuracy")
@@ -268,7 +284,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         if counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any():
             raise UserError(f"{d / LABELS}: not a label-count matrix")
     out = [d / "accuracy.png"]
-    plot_accuracy(rows, out[0], title=d.name)
+    title = d.name
+    if (d / CONFIG).is_file():
+        try:
+            from fedkd.config import Config
+
+            title = run_title(Config.from_toml((d / CONFIG).read_text(encoding="utf-8")).resolved(), d.name)
+        except (UserError, ValueError):
+            pass  # the plot does not need the config; keep the directory name
+    plot_accuracy(rows, out[0], title=title)
     if counts is not None:
         plot_partition(counts.astype(int), d / "partition.png")
         out.append(d / "partition.png")

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd import records
 from fedkd.checkpoint import Resume, from_tree, rng_state, set_rng_state, to_tree
+from fedkd.checkpoint import prune as prune_checkpoints
 from fedkd.checkpoint import save as save_checkpoint
 from fedkd.config import Config, from_run_config
 from fedkd.data import Dataset, load_dataset
@@ -37,7 +38,7 @@ from fedkd.engines import MeteredGrid, default_out
 from fedkd.errors import ConfigError, UserError
 from fedkd.federation import Federation, ServerContext, build_strategy, default_global_arch, parse_architectures
 from fedkd.models import FedkdModel, build_model
-from fedkd.results import RunRecorder, create_run_dir, write_atomic
+from fedkd.results import RunRecorder, create_run_dir, run_title, write_atomic
 from fedkd.train import derive_seed, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def run_federation(
         max_update_norm=cfg.float("validation.max-update-norm"),
     )  # fmt: skip
     strategy = build_strategy(cfg, fed, context)
-    recorder = RunRecorder(run_dir, on_round)
+    recorder = RunRecorder(run_dir, on_round, run_title(cfg.resolved(), run_dir.name if run_dir is not None else ""))
     recorder.write_label_counts(fed.label_counts)
     metered = MeteredGrid(grid)
     evaluator = Evaluator(models, ds, global_arch, device, cfg.int("eval.batch-size"))
@@ -257,7 +258,7 @@ def run_federation(
         evaluate_config=ConfigRecord(dict(run_cfg)),
         evaluate_fn=evaluate_fn,
     )
-    return recorder.finish(
+    summary = recorder.finish(
         {
             "initial_accuracy": start_eval.get("accuracy"),
             "strategy": cfg.str("strategy.name"),
@@ -269,6 +270,9 @@ def run_federation(
             **({"resumed_after_round": offset} if offset else {}),
         }
     )
+    if run_dir is not None:
+        prune_checkpoints(run_dir, cfg.int("checkpoint.keep-final"))
+    return summary
 
 
 def make_server_app(

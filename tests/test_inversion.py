@@ -159,7 +159,7 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def test_fedkd_dfkd_with_fast_warms_up_pools_and_resumes(tmp_path: Path) -> None:
-    sets = [*_sets(FAST), "--set", f"dfkd.teacher-cache={tmp_path}"]
+    sets = [*_sets(FAST), "--set", f"dfkd.teacher-cache={tmp_path}", "--set", "checkpoint.keep-final=2"]
     assert main(["dfkd", "--out", str(tmp_path / "a"), *sets]) == 0
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["pool"] for r in rows] == [16, 32, 48, 64]
@@ -282,7 +282,7 @@ def test_random_resized_crop_keeps_the_shape_and_the_gradient() -> None:
 
 def test_fedkd_dfkd_with_cmi_runs_and_resumes(tmp_path: Path) -> None:
     cmi = [s.replace("fast", "cmi") for s in FAST] + ["synthesizer.cmi.head-dim=8", "synthesizer.cmi.negatives=16"]
-    sets = [*_sets(cmi), "--set", f"dfkd.teacher-cache={tmp_path}"]
+    sets = [*_sets(cmi), "--set", f"dfkd.teacher-cache={tmp_path}", "--set", "checkpoint.keep-final=2"]
     assert main(["dfkd", "--out", str(tmp_path / "a"), *sets]) == 0
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["pool"] for r in rows] == [16, 32, 48, 64] and all("g_cr" in r for r in rows)

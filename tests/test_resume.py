@@ -86,6 +86,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
 
 
+def test_a_finished_run_keeps_checkpoint_keep_final_checkpoints(tmp_path):
+    assert main(argv(tmp_path / "one", BASE)) == 0
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "one")] == ["checkpoint-00004.pt"]
+    assert main(argv(tmp_path / "none", [*BASE, "checkpoint.keep-final=0"])) == 0
+    assert checkpoint.checkpoints(tmp_path / "none") == []
+
+
 def test_checkpoints_load_without_unpickling(tmp_path):
     assert main(argv(tmp_path / "r", BASE)) == 0
     (newest, *_) = checkpoint.checkpoints(tmp_path / "r")
@@ -160,3 +167,11 @@ def test_kill_9_mid_round_then_resume(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming" in res.stdout
     assert metrics(cut) == metrics(full)
+
+
+def test_the_accuracy_plot_title_names_strategy_dataset_and_partition():
+    from fedkd.config import load_config
+    from fedkd.results import run_title
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "sims" / "suites" / "s1" / "mnist5k-fedftg_fedprox-dir0.1.toml")
+    assert run_title(cfg.resolved(), "seed0") == "seed0\nfedftg on fedprox · mnist5k · dirichlet α=0.1 · 20 clients"
