@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import traceback
@@ -81,7 +82,9 @@ def _preflight(cfg: Any) -> None:
     from fedkd.data import load_dataset
     from fedkd.federation import Federation, ServerContext, build_strategy, parse_architectures
     from fedkd.server_app import global_architecture, initial_models
+    from fedkd.train import resolve_device
 
+    resolve_device(cfg.str("device"))  # malformed or unavailable: one line, before anything exists
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
     archs = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))
     global_arch = global_architecture(cfg)
@@ -378,10 +381,26 @@ def _setup_logging(verbose: bool) -> None:
     FLOWER_LOGGER.propagate = False
 
 
+def _harden_environment() -> None:
+    """What the environment can break before fedkd does anything: an output stream that cannot
+    encode the messages (non-UTF-8 locale) writes escapes instead of raising, and an invalid
+    ``MPLBACKEND`` does not matter, because fedkd only ever writes files with Agg."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    os.environ["MPLBACKEND"] = "Agg"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _harden_environment()
     try:
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose)
+        for opt in ("out", "resume"):
+            value = getattr(args, opt, None)
+            if isinstance(value, str) and not value.strip():
+                raise UserError(f"--{opt} must not be empty")
         return int(args.func(args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -389,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`fedkd list --keys | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except Exception:
         traceback.print_exc()
         return EXIT_FAILURE

@@ -61,7 +61,7 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("out", "", "Run directory for `flwr run` (`fedkd run` uses --out); empty: runs/flwr-<time>."),
     Key("engine", "local", "Simulation engine for `fedkd run`.", choices=("local", "ray")),
     Key("device", "auto", "Server device: auto (cuda when available), cpu, cuda, cuda:N.",
-        check=lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), requirement="auto, cpu, cuda or cuda:N"),  # fmt: skip
+        check=lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()), requirement="auto, cpu, cuda or cuda:N"),  # fmt: skip
     Key("dataset.name", "mnist5k", "Registered dataset name (`fedkd list`)."),
     Key("dataset.root", "", "Local folder for torchvision-backed datasets."),
     Key("dataset.download", False, "Let torchvision download into dataset.root (needs a network)."),
@@ -400,6 +400,8 @@ def validate(values: Mapping[str, Any]) -> dict[str, Value]:
         if isinstance(default, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be finite, got {float(value)!r}")
         out[key] = float(value) if isinstance(default, float) else value
+    if out["clients.local-steps"] == 0 and out["clients.local-epochs"] == 0:
+        raise ConfigError("clients.local-steps and clients.local-epochs are both 0: the clients would train nothing")
     for kind in PLUGIN_KINDS:  # the selected plug-ins must exist
         sel = f"{kind}.name"
         if sel in out:

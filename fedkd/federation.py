@@ -435,6 +435,31 @@ def _check_global_has_clients(federation: Federation, name: str) -> None:
         )
 
 
+#: What Flower's strategies need of their keywords (Flower checks none of them): by keyword name,
+#: so every strategy that takes one (built-in or plug-in) gets the check.
+STRATEGY_PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "eta": (lambda v: v > 0, "> 0"),
+    "eta_l": (lambda v: v > 0, "> 0"),
+    "tau": (lambda v: v > 0, "> 0"),
+    "beta_1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta_2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "server_learning_rate": (lambda v: v > 0, "> 0"),
+    "server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "proximal_mu": (lambda v: v >= 0, "≥ 0"),
+    "beta": (lambda v: not isinstance(v, str) and 0 <= v < 0.5, "in [0, 0.5) (the fraction trimmed at each end)"),
+    "num_malicious_nodes": (lambda v: v >= 0, "≥ 0"),
+    "num_nodes_to_select": (lambda v: v >= 0, "≥ 0"),
+}
+
+
+def check_strategy_params(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming ``strategy.<name>.<param>`` for a value the strategy cannot use."""
+    for param, value in kwargs.items():
+        rule = STRATEGY_PARAM_CHECKS.get(param)
+        if rule is not None and isinstance(value, int | float) and not isinstance(value, bool) and not rule[0](value):
+            raise ConfigError(f"strategy.{name}.{param.replace('_', '-')} must be {rule[1]}, got {value!r}")
+
+
 def base_factory(cfg: Any, name: str) -> BaseFactory:
     """Factory of the per-group base strategy ``name`` (a plain Flower strategy)."""
     from strategies import STRATEGIES
@@ -443,6 +468,7 @@ def base_factory(cfg: Any, name: str) -> BaseFactory:
     if not isinstance(cls, type) or not issubclass(cls, Strategy) or issubclass(cls, GroupedStrategy):
         raise ConfigError(f"strategy {name!r} cannot be a base strategy (it must be a plain Flower strategy)")
     kwargs = cfg.plugin_kwargs("strategy", name)
+    check_strategy_params(name, kwargs)
     fraction, eval_fraction = cfg.float("clients.fraction"), cfg.float("eval.fraction")
 
     def make(group_size: int) -> Strategy:

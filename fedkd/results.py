@@ -28,15 +28,20 @@ LABELS = "label_counts.csv"
 def create_run_dir(path: str | Path) -> Path:
     """Create a fresh run directory; an existing non-empty one is never reused."""
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"output path {str(p)!r} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()):
-        what = "holds a run" if (p / CONFIG).exists() or (p / METRICS).exists() else "is not empty"
-        raise UserError(f"output directory {str(p)!r} already {what}; choose another --out")
     try:
+        if p.exists() and not p.is_dir():
+            raise UserError(f"output path {str(p)!r} exists and is not a directory")
+        for parent in p.resolve().parents:  # a run inside a run would be mixed into its files
+            if (parent / CONFIG).is_file():
+                raise UserError(
+                    f"output directory {str(p)!r} is inside the run directory {str(parent)!r}; choose another --out"
+                )
+        if p.is_dir() and any(p.iterdir()):
+            what = "holds a run" if (p / CONFIG).exists() or (p / METRICS).exists() else "is not empty"
+            raise UserError(f"output directory {str(p)!r} already {what}; choose another --out")
         p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output directory {str(p)!r}: {e.strerror}") from None
+    except OSError as e:  # a name too long, a permission, a file in the way ...
+        raise UserError(f"cannot create output directory {str(p)!r}: {e.strerror or e}") from None
     return p
 
 

@@ -23,10 +23,25 @@ def derive_seed(*parts: int) -> int:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; otherwise the named device."""
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` → cuda when available, else cpu; otherwise the named device, which must exist.
+
+    Raises :class:`~fedkd.errors.ConfigError` naming ``key`` for a malformed or unavailable device.
+    """
+    from fedkd.errors import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"{key} = {name!r} is not available: {why} (use auto or cpu)")
+    index = int(name[5:]) if name.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{key} = {name!r} is not available: {torch.cuda.device_count()} CUDA device(s) visible")
     return torch.device(name)
 
 

@@ -288,6 +288,38 @@ ROWS = [
     # checked before any preflight: the second sim's bad dataset root is never reached
     pytest.param(["compare", "{sim}", "{ws}/sims/bad-root.toml", "--seeds", "1", "--baseline", "other", *NEW],
                  "--baseline 'other' is not one of the sims (tiny, bad-root)", id="compare-unknown-baseline"),
+    # ---------------------------------------------------------------- issue 11: devices, Flower's strategy
+    # parameters, --out edge cases, runs that train nothing (classes, not cases)
+    pytest.param([*RUN, "--set", "device=cuda:x", *NEW], "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'", id="device-malformed-index"),
+    pytest.param([*RUN, "--set", "device=cuda:", *NEW], "device must be auto, cpu, cuda or cuda:N", id="device-empty-index"),
+    pytest.param([*RUN, "--set", "device=cuda:99", *NEW], re.compile(r"device = 'cuda:99' is not available"), id="device-unavailable-index"),
+    pytest.param(["dfkd", "--set", "dataset.name=digits", "--set", "device=cuda:99", *NEW], re.compile(r"device = 'cuda:99' is not available"),
+                 id="device-unavailable-dfkd"),
+    pytest.param([*RUN, "--set", "strategy.name=fedadam", "--set", "strategy.fedadam.eta=-1", *NEW], "strategy.fedadam.eta must be > 0, got -1.0",
+                 id="flower-param-fedadam-eta"),
+    pytest.param([*RUN, "--set", "strategy.name=fedyogi", "--set", "strategy.fedyogi.beta-1=1.0", *NEW], "strategy.fedyogi.beta-1 must be in [0, 1)",
+                 id="flower-param-fedyogi-beta1"),
+    pytest.param([*RUN, "--set", "strategy.name=fedadagrad", "--set", "strategy.fedadagrad.tau=0", *NEW], "strategy.fedadagrad.tau must be > 0",
+                 id="flower-param-fedadagrad-tau"),
+    pytest.param([*RUN, "--set", "strategy.name=fedavgm", "--set", "strategy.fedavgm.server-momentum=1.5", *NEW],
+                 "strategy.fedavgm.server-momentum must be in [0, 1)", id="flower-param-fedavgm-momentum"),
+    pytest.param([*RUN, "--set", "strategy.name=fedprox", "--set", "strategy.fedprox.proximal-mu=-0.1", *NEW],
+                 "strategy.fedprox.proximal-mu must be ≥ 0", id="flower-param-fedprox-mu"),
+    pytest.param([*RUN, "--set", "strategy.name=fedtrimmedavg", "--set", "strategy.fedtrimmedavg.beta=0.5", *NEW],
+                 "strategy.fedtrimmedavg.beta must be in [0, 0.5)", id="flower-param-trimmed-beta"),
+    pytest.param([*RUN, "--set", "strategy.name=krum", "--set", "strategy.krum.num-malicious-nodes=-1", *NEW],
+                 "strategy.krum.num-malicious-nodes must be ≥ 0", id="flower-param-krum"),
+    pytest.param([*RUN, "--set", "strategy.name=fedftg", "--set", "strategy.fedftg.base=fedadam", "--set", "strategy.fedadam.eta=0", *NEW],
+                 "strategy.fedadam.eta must be > 0", id="flower-param-of-a-kd-base"),
+    pytest.param([*RUN, "--out", ""], "--out must not be empty", id="out-empty"),
+    pytest.param([*RUN, "--out", "  "], "--out must not be empty", id="out-blank"),
+    pytest.param(["compare", "{sim}", "--seeds", "1", "--out", ""], "--out must not be empty", id="out-empty-compare"),
+    pytest.param([*RUN, "--out", "{run}/inner"], "is inside the run directory", id="out-inside-a-run"),
+    pytest.param(["dfkd", "--set", "dataset.name=digits", "--out", "{run}/a/b"], "is inside the run directory", id="out-dfkd-inside-a-run"),
+    pytest.param([*RUN, "--out", "{ws}/" + "x" * 300], "cannot create output directory", id="out-too-long"),
+    pytest.param(["run", "--resume", ""], "--resume must not be empty", id="resume-empty"),
+    pytest.param([*RUN, "--set", "clients.local-steps=0", "--set", "clients.local-epochs=0", *NEW],
+                 "clients.local-steps and clients.local-epochs are both 0: the clients would train nothing", id="trains-nothing"),
 ]  # fmt: skip
 
 # Rows that also go through the installed console script (no traceback, exit 2, one line).
@@ -494,3 +526,38 @@ def test_empty_sim_file_means_the_defaults(tmp_path):
     sim = tmp_path / "empty.toml"
     sim.write_text("")
     assert dict(load_config(sim)) == dict(load_config(None))
+
+
+# ---------------------------------------------------------------- the environment (issue 11)
+
+
+def test_a_non_utf8_stdout_still_gets_one_error_line(tmp_path):
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run([*_console_script(), "run", "--set", "rounds=0", "--out", str(tmp_path / "x")],
+                          capture_output=True, env=env, timeout=120)  # fmt: skip
+    err = proc.stderr.decode("ascii")
+    assert proc.returncode == 2 and err.count("\n") == 1 and err.startswith("error: rounds must be \\u2265 1"), err
+    assert b"Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_closed_pipe_is_no_traceback():
+    """`fedkd list --keys | head -c 10`: the reader is gone before fedkd writes (deterministically)."""
+    r, w = os.pipe()
+    os.close(r)  # nobody will ever read: every write gets EPIPE
+    try:
+        proc = subprocess.run([*_console_script(), "list", "--keys"], stdout=w, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(w)
+    err = proc.stderr.decode()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_bad_mplbackend_does_not_break_plotting(tmp_path):
+    src = Path(__file__).resolve().parents[1] / "sims" / "results" / "s1" / "mnist5k-fedavg-dir0.1" / "seed0"
+    run = tmp_path / "run"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    env = {**os.environ, "MPLBACKEND": "no-such-backend"}
+    proc = subprocess.run([*_console_script(), "plot", str(run)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (run / "accuracy.png").stat().st_mtime > (src / "accuracy.png").stat().st_mtime - 1
