@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds per pair (0, 1, ...)")
     p.add_argument("--pairs", help="comma-separated DATASET:TEACHER:STUDENT (default: the whole matrix)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every run")
+    p.add_argument("--no-run", action="store_true", help="only tabulate the finished runs already in --out")
     p.add_argument("--speed", metavar="DATASET:TEACHER:STUDENT", help="compare --methods on one pair against wall time")
     p.add_argument("--methods", default="adi,fast", help="methods of --speed, comma-separated (default adi,fast)")
     args = p.parse_args(argv)
@@ -215,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.method} needs a BatchNorm teacher; skipping {', '.join(':'.join(x) for x in skipped)}")
         out = Path(args.out)
         results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        md = ""
         for pair in pairs:
             for seed in range(args.seeds):
+                done = out / args.method / "-".join(pair) / f"seed{seed}" / "summary.json"
+                if args.no_run and not done.is_file():
+                    continue
                 results.setdefault(pair, []).append(run_one(args.method, *pair, seed, out, args.set))
                 md, text = table(args.method, results)  # rewritten after every run: partial tables survive
                 (out / f"{args.method}.md").write_text(md, encoding="utf-8")
