@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 bad input (one line on stderr), 1 failure.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,27 @@ from typing import Any, NoReturn
 from fedkd.errors import UserError
 
 log = logging.getLogger("fedkd")
+
+
+class Output:
+    """Where a command's progress goes: human lines (default), JSON lines (``--json``: one object
+    per line, each with an ``event``), or only the final line (``--quiet``). Errors always go to
+    stderr as one ``error:`` line, whatever the mode."""
+
+    def __init__(self, mode: str = "human") -> None:
+        self.mode = mode
+
+    def say(self, text: str, event: dict[str, Any] | None = None, final: bool = False) -> None:
+        if self.mode == "json":
+            if event is not None:
+                from fedkd.results import _clean
+
+                print(json.dumps(_clean(event), default=str), flush=True)
+        elif self.mode == "human" or final:
+            print(text, flush=True)
+
+
+OUT = Output()
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -61,13 +83,13 @@ def round_printer(total: int) -> Callable[[dict[str, Any]], None]:
     def show(row: dict[str, Any]) -> None:
         groups = row.get("group_accuracy") or {}
         extra = "  " + " ".join(f"{g}={_num(a, '.3f')}" for g, a in groups.items()) if len(groups) > 1 else ""
-        print(
+        OUT.say(
             f"round {row['round']:>3}/{total}  acc {_num(row['accuracy'])}  loss {_num(row['loss'])}  "
             f"train_loss {_num(row.get('train_loss'))}  up {_mb(row['bytes_up'])}  down {_mb(row['bytes_down'])}  "
             f"fail {row['failures']}"
             + (f" rej {row['rejected']}" if row.get("rejected") else "")
             + f"  {row['seconds']:.1f}s{extra}",
-            flush=True,
+            {"event": "round", "of": total, **row},
         )
 
     return show
@@ -117,7 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         cfg, run_dir = resumable_run(args)
-        print(f"fedkd run: resuming {run_dir} on the {cfg.str('engine')} engine", flush=True)
+        OUT.say(f"fedkd run: resuming {run_dir} on the {cfg.str('engine')} engine",
+                {"event": "start", "run_dir": str(run_dir), "resume": True})  # fmt: skip
     else:
         sim = find_sim(args.sim)
         sets = list(args.set or [])
@@ -125,16 +148,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             sets.append(f"engine={args.engine}")
         cfg = load_config(sim, sets, args.seed)
         run_dir = prepare_run(cfg, args.out, sim)
-        print(f"fedkd run: {sim} on the {cfg.str('engine')} engine -> {run_dir}", flush=True)
+        OUT.say(f"fedkd run: {sim} on the {cfg.str('engine')} engine -> {run_dir}",
+                {"event": "start", "sim": str(sim), "run_dir": str(run_dir)})  # fmt: skip
     t = time.perf_counter()
     summary = execute(cfg, run_dir, round_printer(cfg.int("rounds")), resume=args.resume is not None)
     if not summary:
         print(f"error: the run did not finish (see the log above); partial results in {run_dir}", file=sys.stderr)
         return EXIT_FAILURE
-    print(
+    OUT.say(
         f"done in {time.perf_counter() - t:.1f}s: final accuracy {_num(summary['final_accuracy'])}, "
         f"best {_num(summary['best_accuracy'])}; results in {run_dir}",
-        flush=True,
+        {"event": "done", "run_dir": str(run_dir), **summary},
+        final=True,
     )
     return EXIT_OK
 
@@ -199,22 +224,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     command += f" --seed {args.seed}" if args.seed is not None else ""
     command += "".join(f" --set {s}" for s in args.set or []) + (f" --engine {args.engine}" if args.engine else "")
     command += f" --baseline {args.baseline}" if args.baseline is not None else ""
-    print(f"fedkd compare: {len(sims)} sims × {len(seeds)} seeds -> {out}", flush=True)
+    OUT.say(f"fedkd compare: {len(sims)} sims × {len(seeds)} seeds -> {out}",
+            {"event": "start", "sims": [str(x) for x in sims], "seeds": seeds, "out": str(out)})  # fmt: skip
+    total, count = len(sims) * len(seeds), [0]
 
     def made(sim: Path) -> Any:
         return lambda seed: load_config(sim, sets, seed)
 
     def done(name: str, seed: int, summary: dict[str, Any]) -> None:
-        print(f"{name} seed {seed}: final {summary['final_accuracy']:.4f} best {summary['best_accuracy']:.4f} "
-              f"({summary['wall_seconds']:.1f}s)", flush=True)  # fmt: skip
+        count[0] += 1
+        OUT.say(f"[{count[0]}/{total}] {name} seed {seed}: final {summary['final_accuracy']:.4f} "
+                f"best {summary['best_accuracy']:.4f} ({summary['wall_seconds']:.1f}s)",
+                {"event": "run", "index": count[0], "of": total, "sim": name, "seed": seed, **summary})  # fmt: skip
 
     rows = run_suite(sims, [made(s) for s in sims], seeds, out, command,
                      lambda cfg, d, sim: prepare_run(cfg, d, sim, preflight=False), done,
                      (lambda total: round_printer(total)) if args.verbose_rounds else None,
                      resume=args.resume, baseline=baseline)  # fmt: skip
-    print((out / "comparison.md").read_text(), end="")
+    if OUT.mode == "human":
+        print((out / "comparison.md").read_text(), end="")
     tables = [out / "comparison.md", out / "comparison.csv"] + ([out / "comparison_paired.csv"] if baseline else [])
-    print(f"table: {', '.join(map(str, tables[:-1]))} and {tables[-1]}; plot: {out / 'comparison.png'}")
+    OUT.say(f"table: {', '.join(map(str, tables[:-1]))} and {tables[-1]}; plot: {out / 'comparison.png'}",
+            {"event": "done", "tables": [str(x) for x in tables], "plot": str(out / "comparison.png"), "rows": rows},
+            final=True)  # fmt: skip
     return EXIT_OK if rows else EXIT_FAILURE
 
 
@@ -278,10 +310,12 @@ def cmd_dfkd(args: argparse.Namespace) -> int:
             raise UserError(f"--resume: {run_dir} was run with checkpoint.every = 0; it cannot be resumed")
         if ckpt.checkpoints(run_dir):
             resume = ckpt.latest(run_dir)
-            print(f"fedkd dfkd: resuming {run_dir} after epoch {resume.round}", flush=True)
+            OUT.say(f"fedkd dfkd: resuming {run_dir} after epoch {resume.round}",
+                    {"event": "start", "run_dir": str(run_dir), "resume": resume.round})  # fmt: skip
         else:  # interrupted before its first epoch ended: start it again, in place
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            print(f"fedkd dfkd: {run_dir} has no checkpoint yet; starting it again", flush=True)
+            OUT.say(f"fedkd dfkd: {run_dir} has no checkpoint yet; starting it again",
+                    {"event": "start", "run_dir": str(run_dir), "resume": 0})  # fmt: skip
     else:
         sim = find_sim(args.sim) if args.sim else None
         cfg = load_config(sim, list(args.set or []), args.seed)
@@ -289,30 +323,42 @@ def cmd_dfkd(args: argparse.Namespace) -> int:
         run_dir = create_run_dir(args.out or default_out(sim or "dfkd"))
         write_atomic(run_dir / "config.toml", cfg.to_toml())
     epochs, teacher_epochs = cfg.int("dfkd.epochs"), cfg.int("dfkd.teacher-epochs")
-    print(f"fedkd dfkd: {cfg.str('dfkd.teacher')} -> {cfg.str('dfkd.student')} on {cfg.str('dataset.name')}, "
-          f"preset {cfg.str('synthesis.preset')}, rule {cfg.str('distill.rule')}, {plan.device} -> {run_dir}", flush=True)  # fmt: skip
+    OUT.say(f"fedkd dfkd: {cfg.str('dfkd.teacher')} -> {cfg.str('dfkd.student')} on {cfg.str('dataset.name')}, "
+            f"preset {cfg.str('synthesis.preset')}, rule {cfg.str('distill.rule')}, {plan.device} -> {run_dir}",
+            {"event": "start", "run_dir": str(run_dir), "device": str(plan.device)})  # fmt: skip
     t_teacher = time.perf_counter()
 
     def teacher_line(epoch: int, loss: float) -> None:
-        print(f"teacher epoch {epoch:>3}/{teacher_epochs}  train loss {loss:.4f}  "
-              f"{time.perf_counter() - t_teacher:.1f}s", flush=True)  # fmt: skip
+        OUT.say(f"teacher epoch {epoch:>3}/{teacher_epochs}  train loss {loss:.4f}  "
+                f"{time.perf_counter() - t_teacher:.1f}s",
+                {"event": "teacher-epoch", "epoch": epoch, "of": teacher_epochs, "train_loss": loss})  # fmt: skip
 
     teacher = dfkd.obtain_teacher(plan, dfkd.cache_dir(cfg, run_dir), teacher_line)
-    print(
+    OUT.say(
         f"teacher accuracy {teacher.accuracy:.4f} ({teacher.source}: {teacher.path}, {teacher.seconds:.1f}s)",
-        flush=True,
+        {"event": "teacher", "accuracy": teacher.accuracy, "source": teacher.source, "path": str(teacher.path)},
     )
-    summary = dfkd.distill(
-        plan, run_dir, teacher, lambda row: print(dfkd.format_epoch(row, epochs), flush=True), started, resume
-    )
+
+    def epoch_line(row: dict[str, Any]) -> None:
+        OUT.say(dfkd.format_epoch(row, epochs), {"event": "epoch", "of": epochs, **row})
+
+    summary = dfkd.distill(plan, run_dir, teacher, epoch_line, started, resume)
     warn = f"; WARNING: {summary['collapse_epochs']} epochs looked collapsed" if summary["collapse_epochs"] else ""
-    print(
+    OUT.say(
         f"done in {summary['wall_seconds']:.1f}s: student final {summary['student_final_accuracy']:.4f}, "
         f"best {summary['student_best_accuracy']:.4f}, teacher {summary['teacher_accuracy']:.4f}{warn}; "
         f"results in {run_dir}",
-        flush=True,
+        {"event": "done", "run_dir": str(run_dir), **summary},
+        final=True,
     )
     return EXIT_OK
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", action="store_true", help="print only the final line (and errors)")
+    g.add_argument("--json", action="store_true",
+                   help="print JSON lines (one object per line with an 'event': start, round/epoch, progress, done)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (must not hold a run; default: runs/<sim>-<time>)")
     r.add_argument("--seed", type=int, help="master seed")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint")
+    _output_flags(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="run sims over several seeds; write a table and a plot")
@@ -342,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline", metavar="SIM",
                    help="also tabulate every other sim's paired per-seed difference against SIM (stem or path), "
                         "with 95%% t confidence intervals")  # fmt: skip
+    _output_flags(c)
     c.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("table", help="tabulate and plot existing run directories (runs differing only in seed are grouped)")
@@ -366,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="run directory (must not hold a run; default: runs/<sim>-<time>)")
     d.add_argument("--seed", type=int, help="master seed")
     d.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint")
+    _output_flags(d)
     d.set_defaults(func=cmd_dfkd)
     return p
 
@@ -397,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose)
+        from fedkd import progress
+
+        OUT.mode = "json" if getattr(args, "json", False) else "quiet" if getattr(args, "quiet", False) else "human"
+        progress.set_reporter(None if OUT.mode == "quiet" else lambda ev: OUT.say(progress.human(ev), {"event": "progress", **ev}))
         for opt in ("out", "resume"):
             value = getattr(args, opt, None)
             if isinstance(value, str) and not value.strip():

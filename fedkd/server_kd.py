@@ -38,7 +38,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import Tensor, nn
 
-from fedkd import records
+from fedkd import progress, records
 from fedkd.distill import (
     KD_LOSSES,
     REDUCTIONS,
@@ -69,6 +69,11 @@ OPTIMIZERS = ("sgd", "adam")
 MEMORY_TARGETS = ("stored", "current")
 BatchSource = Callable[[], tuple[Tensor, Tensor | None]]
 Drawn = tuple[Tensor, Tensor | None]
+
+
+def _last(stats: Mapping[str, list[float]], key: str) -> float | None:
+    values = stats.get(key)
+    return float(values[-1]) if values else None
 
 
 class ServerDistiller:
@@ -213,6 +218,7 @@ class ServerDistiller:
         self.weight_decay, self.lr_decay, self.persist_optimizer = weight_decay, lr_decay, persist_optimizer
         self.memory_push = memory_push
         self._opt_states: dict[str, Any] = {}
+        self._tick: Callable[[], None] = lambda: None  # progress inside a round (set by run)
         rule = build_rule(RETENTION[retention], order=lra_order, alpha=lra_alpha)
         memory = None
         if rule.uses_memory:
@@ -310,7 +316,18 @@ class ServerDistiller:
             self.synth.reset_optimizer(gen_lr)
         stats: dict[str, list[float]] = {}
         pool: list[Drawn] = []
-        for _ in range(iterations):
+        throttle = progress.Throttle()
+
+        def tick(it: int) -> None:  # a progress line at most every 5 s, for the command line's reporter
+            if progress.active() and throttle():
+                progress.report(
+                    "server distillation", round=server_round, iteration=it, of=iterations,
+                    kd_loss=_last(stats, "kd_loss"), g_loss=_last(stats, "g_loss"), seconds=time.perf_counter() - t0,
+                )  # fmt: skip
+
+        self._tick = lambda: tick(len(pool) + 1)
+        for it in range(iterations):
+            tick(it + 1)
             draw = source if source is not None else self._train_generator(teacher, models[0], stats)
             first = draw()
             pool.append(first)
@@ -331,6 +348,7 @@ class ServerDistiller:
         noise = self.synth.noise()
         with eval_mode(student):  # the generator seeks disagreement with a fixed student
             for _ in range(self.gen_steps):
+                self._tick()
                 step_noise = noise if self.reuse_batch else self.synth.noise()
                 for k, v in self.synth.step(teacher, student, step_noise, per_member=self.per_client).items():
                     stats.setdefault(k, []).append(v)
