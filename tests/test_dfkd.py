@@ -59,7 +59,7 @@ def digits_teacher_ckpt(tmp_path: Path) -> Path:
 
 
 BAD = [
-    (["--set", "synthesis.preset=dfkd"], "synthesis.preset: unknown preset 'dfkd'; valid: adi, dafl, dfad,"),
+    (["--set", "synthesis.preset=dfkd"], "synthesis.preset: unknown preset 'dfkd'; valid: adi, cmi, dafl, dfad,"),
     (["--set", "synthesis.weights=foo=1"], "synthesis.weights: unknown term 'foo'"),
     (["--set", "synthesis.weights=oh=-1"], "synthesis.weights: the weight of 'oh' must be ≥ 0"),
     (["--set", "distill.rule=sgd"], "distill.rule must be one of plain, replay, lra"),
