@@ -43,3 +43,23 @@ def test_speed_compares_methods_against_wall_time(tmp_path: Path) -> None:
     assert "| adi |" in md and "| fast |" in md and (tmp_path / "pairs" / "speed-digits-resnet8-mlp.png").is_file()
     bad = _run(tmp_path, "--speed", "digits:resnet8:mlp", "--methods", "adi,dfq")
     assert bad.returncode == 2 and "unknown dfq" in bad.stderr
+
+
+def test_lra_study_runs_its_variants_and_tabulates(tmp_path: Path) -> None:
+    script = SCRIPT.with_name("lra_study.py")
+    tiny = ["--set", "dataset.name=digits", "--set", "dfkd.epochs=2", "--set", "dfkd.iterations=1",
+            "--set", "dfkd.teacher-epochs=1", "--set", "distill.steps=2", "--set", "synthesis.batch-size=16",
+            "--set", "distill.memory-push-epochs=1"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "lra"), *tiny],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    md = (tmp_path / "lra" / "rules.md").read_text()
+    assert all(f"| {r} | 1 |" in md for r in ("plain", "replay", "lra-official", "lra"))
+    best = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "lra"), "--stage", "best",
+                           "--best", "lra-a0.1-b0.5-so-m160", *tiny], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert best.returncode == 0 and "| lra-a0.1-b0.5-so-m160 | 1 |" in best.stdout, best.stdout + best.stderr
+    cfg = (tmp_path / "lra" / "lra-a0.1-b0.5-so-m160" / "seed0" / "config.toml").read_text()
+    assert "lra-beta = 0.5" in cfg and "lra-alpha = 0.1" in cfg
+    bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "lra"), "--stage", "best", "--best", "x"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --best")
