@@ -20,6 +20,25 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+NAME_ATTR = "__fedkd_name__"
+
+
+def _stamp(obj: Any, name: str) -> None:
+    """Record on a class the name it is registered under (its own attribute, not inherited)."""
+    if isinstance(obj, type) and NAME_ATTR not in obj.__dict__:
+        try:
+            setattr(obj, NAME_ATTR, name)
+        except (AttributeError, TypeError):  # a class that refuses attributes keeps working unnamed
+            pass
+
+
+def registered_name(cls: type, default: str | None = None) -> str:
+    """The name ``cls`` itself was registered under (a subclass does not inherit its parent's);
+    ``default`` (else the lower-cased class name) for an unregistered class."""
+    name = cls.__dict__.get(NAME_ATTR)
+    return name if isinstance(name, str) else (default or cls.__name__.lower())
+
+
 class Registry(Generic[T]):
     """A name → factory mapping for one kind of plug-in.
 
@@ -47,10 +66,11 @@ class Registry(Generic[T]):
         return deco
 
     def add(self, name: str, obj: T) -> None:
-        """Register ``obj`` under ``name``."""
+        """Register ``obj`` under ``name``; a class learns its name (:func:`registered_name`)."""
         if name in self._items:
             raise ValueError(f"duplicate {self.kind} name {name!r}; registered: {', '.join(self.names())}")
         self._items[name] = obj
+        _stamp(obj, name)
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
@@ -62,6 +82,7 @@ class Registry(Generic[T]):
                 log.warning("%s plug-in %r shadows a built-in; ignored", self.kind, ep.name)
                 continue
             self._items[ep.name] = ep.load()
+            _stamp(self._items[ep.name], ep.name)
 
     def get(self, name: str) -> T:
         """Return the entry ``name``, or raise :class:`ConfigError` listing valid names."""

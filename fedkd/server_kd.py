@@ -51,7 +51,7 @@ from fedkd.distill import (
 )
 from fedkd.errors import ConfigError
 from fedkd.federation import BaseFactory, Federation, GroupedStrategy, ServerContext
-from fedkd.registry import configurable_params
+from fedkd.registry import configurable_params, registered_name
 from fedkd.synthesis import (
     PER_MEMBER,
     SAMPLE_MODES,
@@ -460,13 +460,8 @@ class DistillationStrategy(GroupedStrategy):
 
     @classmethod
     def config_name(cls) -> str:
-        """The strategy's registered name (its config prefix)."""
-        from strategies import STRATEGIES
-
-        for name in STRATEGIES.names():
-            if STRATEGIES.get(name) is cls:
-                return name
-        return cls.__name__.lower()
+        """The strategy's registered name (its config prefix), which the registry recorded on it."""
+        return registered_name(cls)
 
     def source(self) -> BatchSource | None:
         """Distillation data; None: the generator's samples (data-free)."""

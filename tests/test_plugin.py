@@ -62,3 +62,44 @@ def test_without_the_package_the_name_is_unknown(tmp_path):
                            "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "unknown strategy 'fedavg-clipped'" in proc.stderr
+
+
+def test_the_three_documented_plugins_are_listed_with_their_keys(plugin_path):
+    keys = fedkd(plugin_path, "list", "--keys").stdout
+    assert "strategy.feddf-dafl.preset = 'dafl-div'" in keys and "strategy.feddf-dafl.loss = 'js'" in keys
+    assert "strategy.feddf-dafl.gen-steps = 50" in keys, "the parent's keywords stay config keys"
+    assert "strategy.ensemble-kd.steps = 10" in keys and "strategy.ensemble-kd.base = 'fedavg'" in keys
+
+
+def _rows(d):
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_feddf_variant_runs_with_its_preset_and_loss(plugin_path, tmp_path):
+    sets = [a for s in [*TINY, "strategy.name=feddf-dafl", "strategy.feddf-dafl.gen-steps=2",
+                        "strategy.feddf-dafl.student-steps=2"] for a in ("--set", s)]  # fmt: skip
+    proc = fedkd(plugin_path, "run", *sets, "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _rows(tmp_path / "r")
+    assert all({"g_ie", "g_act", "g_div", "kd_loss"} <= set(r) for r in rows), "DAFL's terms ran"
+    bad = fedkd(plugin_path, "run", *sets, "--set", "strategy.feddf-dafl.loss=mse", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and not (tmp_path / "b").exists()
+
+
+def test_the_new_kd_strategy_runs_checkpoints_and_resumes(plugin_path, tmp_path):
+    sets = [a for s in [*TINY, "strategy.name=ensemble-kd", "strategy.ensemble-kd.steps=3",
+                        "checkpoint.keep-final=2"] for a in ("--set", s)]  # fmt: skip
+    full = tmp_path / "full"
+    proc = fedkd(plugin_path, "run", *sets, "--out", str(full))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all("g_loss" in r and "kd_loss" in r for r in _rows(full))
+    cut = tmp_path / "cut"
+    assert fedkd(plugin_path, "run", *sets, "--out", str(cut)).returncode == 0
+    (cut / "summary.json").unlink()
+    sorted(cut.glob("checkpoint-*.pt"))[-1].unlink()  # as if killed after the first round's checkpoint
+    res = fedkd(plugin_path, "run", "--resume", str(cut))
+    assert res.returncode == 0, res.stderr[-2000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
+    assert strip(_rows(cut)) == strip(_rows(full)), "the generator's state came back from the checkpoint"
+    bad = fedkd(plugin_path, "run", *sets, "--set", "strategy.ensemble-kd.steps=-1", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "strategy.ensemble-kd.steps must be ≥ 0" in bad.stderr
