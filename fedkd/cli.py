@@ -103,10 +103,12 @@ def _preflight(cfg: Any) -> None:
     from fedkd.client_app import client_partition
     from fedkd.data import load_dataset
     from fedkd.federation import Federation, ServerContext, build_strategy, parse_architectures
+    from fedkd.results import check_tensorboard
     from fedkd.server_app import global_architecture, initial_models
     from fedkd.train import resolve_device
 
     resolve_device(cfg.str("device"))  # malformed or unavailable: one line, before anything exists
+    check_tensorboard(cfg)
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
     archs = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))
     global_arch = global_architecture(cfg)

@@ -85,6 +85,7 @@ CORE_KEYS: tuple[Key, ...] = (
         check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),  # fmt: skip
     Key("round-timeout", 3600.0, "Seconds to wait for client replies in a round.", check=_pos, requirement="> 0"),
     Key("checkpoint.every", 1, "Write a checkpoint every N rounds (and after the last); 0: never (no --resume).", check=_nonneg, requirement="≥ 0"),
+    Key("log.tensorboard", False, "Also write TensorBoard event files into RUN_DIR/tensorboard: every numeric per-round (per-epoch) metric as a scalar, and `fedkd dfkd`'s sample grid each epoch (needs the tensorboard package: pip install 'fedkd[tensorboard]')."),
     Key("checkpoint.keep-final", 1, "Checkpoints a finished run keeps (0: none; a finished run needs none to be reused by compare --resume).", check=_nonneg, requirement="≥ 0"),
     Key("checkpoint.keep", 2, "Checkpoints kept in the run directory (the older ones are the fallback for a corrupt one).", check=_pos, requirement="≥ 1"),
     # ---- simulated faults (fedkd/faults.py): draws depend on (seed, partition id, round) only

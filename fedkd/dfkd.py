@@ -42,7 +42,7 @@ from fedkd.data import Dataset, load_dataset
 from fedkd.distill import MemoryBuffer, StudentUpdater, build_rule, kd_loss
 from fedkd.errors import ConfigError, UserError
 from fedkd.models import MODELS, FedkdModel, build_model
-from fedkd.results import SUMMARY, RunRecorder, save_axes, write_atomic
+from fedkd.results import SUMMARY, RunRecorder, check_tensorboard, save_axes, write_atomic
 from fedkd.synthesis import PRESETS, SYNTHESIZERS, build_generator, make_objective
 from fedkd.train import LocalTrainConfig, derive_seed, evaluate, resolve_device, train_local
 
@@ -158,6 +158,7 @@ def prepare(cfg: Config) -> DFKDPlan:
             capacity, push_every, cfg.float("distill.replay-fraction"), _seed(cfg, _MEMORY),
             mode=cfg.str("distill.replay-mode"),
         )  # fmt: skip
+    check_tensorboard(cfg)
     cache = cfg.str("dfkd.teacher-cache")
     if cache and Path(cache).exists() and not Path(cache).is_dir():
         raise ConfigError(f"dfkd.teacher-cache: {cache!r} exists and is not a directory")
@@ -398,6 +399,9 @@ def distill(
     every, keep = cfg.int("checkpoint.every"), cfg.int("checkpoint.keep")
     probe = CollapseProbe(synth, ds.x_test[:PROBE_SIZE].to(device), _seed(cfg, _PROBE))
     recorder = RunRecorder(run_dir, on_round=on_epoch)
+    if cfg.bool("log.tensorboard"):
+        recorder.open_tensorboard()
+    pixel = (torch.tensor(ds.std).view(1, -1, 1, 1), torch.tensor(ds.mean).view(1, -1, 1, 1))
     best, first, spent = -1.0, 1, 0.0
     if resume is not None:
         state = resume.payload
@@ -432,6 +436,11 @@ def distill(
             row["pool"] = len(synth)
         row["lr"] = opt.param_groups[0]["lr"]
         row.update(probe.measure(plan.teacher))
+        if recorder.tensorboard is not None:  # what the student learns from, in pixel space
+            with torch.no_grad():
+                x = synth.probe(probe.z, probe.y)[:16].cpu()
+            if len(x):
+                recorder.tensorboard.add_images("samples", (x * pixel[0] + pixel[1]).clamp(0, 1), epoch)
         row["collapse"] = collapsed(row, cfg)
         row["seconds"] = time.perf_counter() - t
         row["elapsed"] = time.perf_counter() - started

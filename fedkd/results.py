@@ -114,6 +114,27 @@ class RunRecorder:
         self.on_round = on_round
         self.title = title  # of accuracy.png (see run_title)
         self.rows: list[dict[str, Any]] = []
+        self.tensorboard: Any = None  # a torch SummaryWriter (see open_tensorboard)
+
+    def open_tensorboard(self) -> None:
+        """Also write every numeric metric of each row as a TensorBoard scalar (``RUN_DIR/tensorboard``)."""
+        if self.run_dir is not None and self.tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _log_scalars(self, row: Mapping[str, Any]) -> None:
+        step = int(row.get("round", len(self.rows)))
+        for key, value in row.items():
+            if key in ("round", "epoch"):
+                continue
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                        self.tensorboard.add_scalar(f"{key}/{sub}", v, step)
+            elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()
 
     def write_label_counts(self, counts: np.ndarray) -> None:
         if self.run_dir is None:
@@ -134,6 +155,8 @@ class RunRecorder:
         if self.run_dir is not None:
             with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self._log_scalars(row)
         if self.on_round is not None:
             self.on_round(row)
 
@@ -156,7 +179,18 @@ class RunRecorder:
         if self.run_dir is not None:
             write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
             plot_accuracy(self.rows, self.run_dir / "accuracy.png", self.title or self.run_dir.name)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return summary
+
+
+def check_tensorboard(cfg: Any) -> None:
+    """``log.tensorboard = true`` needs the tensorboard package: one error line, before anything is written."""
+    if cfg.bool("log.tensorboard"):
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError("log.tensorboard = true needs the tensorboard package: pip install 'fedkd[tensorboard]'") from None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -185,6 +185,8 @@ def run_federation(
     )  # fmt: skip
     strategy = build_strategy(cfg, fed, context)
     recorder = RunRecorder(run_dir, on_round, run_title(cfg.resolved(), run_dir.name if run_dir is not None else ""))
+    if cfg.bool("log.tensorboard"):
+        recorder.open_tensorboard()
     recorder.write_label_counts(fed.label_counts)
     metered = MeteredGrid(grid)
     evaluator = Evaluator(models, ds, global_arch, device, cfg.int("eval.batch-size"))

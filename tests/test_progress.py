@@ -55,3 +55,51 @@ def test_dfkd_json_has_teacher_epochs_and_epochs(tmp_path, capsys):
     assert main(["dfkd", "--out", str(tmp_path / "d"), "--json", *[a for s in sets for a in ("--set", s)]]) == 0
     kinds = [json.loads(ln)["event"] for ln in capsys.readouterr().out.splitlines()]
     assert kinds == ["start", "teacher-epoch", "teacher-epoch", "teacher", "epoch", "epoch", "done"]
+
+
+# --------------------------------------------------------------------------- TensorBoard (issue 11 item 7)
+
+
+def _scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_has_every_round_metric(tmp_path):
+    assert main(_argv(tmp_path / "r", "--set", "log.tensorboard=true", "--set", "strategy.name=fedftg",
+                      "--set", "strategy.fedftg.iterations=1")) == 0  # fmt: skip
+    acc = _scalars(tmp_path / "r" / "tensorboard")
+    tags = set(acc.Tags()["scalars"])
+    assert {"accuracy", "loss", "kd_loss", "g_loss", "group_accuracy/mlp"} <= tags
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in acc.Scalars("accuracy")] == [1, 2]
+    assert [round(e.value, 6) for e in acc.Scalars("accuracy")] == [round(r["accuracy"], 6) for r in rows]
+
+
+def test_tensorboard_dfkd_scalars_and_sample_grids(tmp_path):
+    sets = ["dataset.name=digits", "dfkd.threads=1", "dfkd.epochs=2", "dfkd.iterations=1", "dfkd.teacher-epochs=1",
+            "distill.steps=1", "synthesis.batch-size=16", "generator.image.base-channels=4", "log.tensorboard=true"]  # fmt: skip
+    assert main(["dfkd", "--out", str(tmp_path / "d"), *[a for s in sets for a in ("--set", s)]]) == 0
+    acc = _scalars(tmp_path / "d" / "tensorboard")
+    assert {"accuracy", "class_entropy", "diversity", "s_kd_loss"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Images("samples")] == [1, 2]
+
+
+def test_tensorboard_missing_is_one_error_line(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    assert main(_argv(tmp_path / "r", "--set", "log.tensorboard=true")) == 2
+    err = capsys.readouterr().err
+    assert err == "error: log.tensorboard = true needs the tensorboard package: pip install 'fedkd[tensorboard]'\n"
+    assert not (tmp_path / "r").exists()
