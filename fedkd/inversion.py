@@ -45,7 +45,16 @@ from torch.nn import functional as F
 
 from fedkd.distill import BatchSource
 from fedkd.errors import ConfigError
-from fedkd.synthesis import SYNTHESIZERS, BNStatistics, Objective, bn_layers, check_choice, eval_mode, oh_loss
+from fedkd.synthesis import (
+    SYNTHESIZERS,
+    BNStatistics,
+    ForwardHooks,
+    Objective,
+    bn_layers,
+    check_choice,
+    eval_mode,
+    oh_loss,
+)
 
 FAST_TERMS = ("bn", "oh", "adv")
 META_RULES = ("fomaml", "off")
@@ -66,10 +75,9 @@ class MomentumBNStatistics(BNStatistics):
         self.average = average
         self.last: list[tuple[Tensor, Tensor]] = []
 
-    def __enter__(self) -> MomentumBNStatistics:
+    def reset(self) -> None:
+        super().reset()
         self.last = []
-        super().__enter__()
-        return self
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         assert isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -144,6 +152,50 @@ class PooledSynthesizer:
     conditional = False
     _rng: torch.Generator
     _pool: list[Tensor]
+
+    def _setup(
+        self,
+        name: str,
+        terms: tuple[str, ...],
+        generator: nn.Module,
+        objective: Objective,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        warmup: int,
+        iterations: int,
+        pool_size: int,
+        crop_padding: int,
+        flip: bool,
+        checks: tuple[tuple[bool, str], ...] = (),
+    ) -> None:
+        """The checks and state every pooled synthesizer shares; ``checks`` are its own
+        ``(condition, message)`` pairs, checked after the shared ones."""
+        extra = sorted(set(objective.active) - set(terms))
+        if extra:
+            raise ConfigError(f"synthesizer {name!r} takes the terms {', '.join(terms)}; got {', '.join(extra)}")
+        if getattr(generator, "conditional", False):
+            raise ConfigError(f"synthesizer {name!r} needs an unconditional generator (its labels go to the teacher only)")
+        key = f"synthesizer.{name}"
+        shared = (
+            (iterations >= 1, f"{key}.iterations must be ≥ 1, got {iterations}"),
+            *checks,
+            (pool_size >= 0, f"{key}.pool-size must be ≥ 0, got {pool_size}"),
+            (crop_padding >= 0, f"{key}.crop-padding must be ≥ 0, got {crop_padding}"),
+            (batch_size >= 1, f"synthesis batch size must be ≥ 1, got {batch_size}"),
+            (lr > 0, f"generator learning rate must be > 0, got {lr}"),
+        )
+        for ok, message in shared:
+            if not ok:
+                raise ConfigError(message)
+        self.generator, self.objective, self.batch_size, self.lr = generator, objective, batch_size, lr
+        self.warmup, self.iterations = warmup, iterations
+        self.pool_size, self.crop_padding, self.flip = pool_size, crop_padding, flip
+        self.num_classes: int = getattr(generator, "num_classes")  # noqa: B009
+        self.latent_dim: int = getattr(generator, "latent_dim")  # noqa: B009
+        self._rng = torch.Generator().manual_seed(seed)
+        self._pool = []
+        self.calls = 0
 
     @property
     def device(self) -> torch.device:
@@ -249,44 +301,15 @@ class FastSynthesizer(PooledSynthesizer):
         flip: bool = False,
         meta: str = "fomaml",
     ) -> None:
-        extra = sorted(set(objective.active) - set(FAST_TERMS))
-        if extra:
-            raise ConfigError(f"synthesizer 'fast' takes the terms {', '.join(FAST_TERMS)}; got {', '.join(extra)}")
-        if getattr(generator, "conditional", False):
-            raise ConfigError("synthesizer 'fast' needs an unconditional generator (its labels go to the teacher only)")
-        checks = (
-            (iterations >= 1, f"synthesizer.fast.iterations must be ≥ 1, got {iterations}"),
-            (lr_z > 0 and math.isfinite(lr_z), f"synthesizer.fast.lr-z must be > 0, got {lr_z}"),
-            (0 <= bn_momentum < 1, f"synthesizer.fast.bn-momentum must be in [0, 1), got {bn_momentum}"),
-            (pool_size >= 0, f"synthesizer.fast.pool-size must be ≥ 0, got {pool_size}"),
-            (crop_padding >= 0, f"synthesizer.fast.crop-padding must be ≥ 0, got {crop_padding}"),
-            (batch_size >= 1, f"synthesis batch size must be ≥ 1, got {batch_size}"),
-            (lr > 0, f"generator learning rate must be > 0, got {lr}"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        self._setup("fast", FAST_TERMS, generator, objective, batch_size, lr, seed, warmup, iterations, pool_size,
+                    crop_padding, flip, (
+                        (lr_z > 0 and math.isfinite(lr_z), f"synthesizer.fast.lr-z must be > 0, got {lr_z}"),
+                        (0 <= bn_momentum < 1, f"synthesizer.fast.bn-momentum must be in [0, 1), got {bn_momentum}"),
+                    ))  # fmt: skip
         check_choice("synthesizer.fast.meta", meta, META_RULES)
-        self.generator = generator
-        self.objective = objective
-        self.batch_size = batch_size
-        self.lr = lr
-        self.warmup = warmup
-        self.iterations = iterations
-        self.lr_z = lr_z
-        self.bn_momentum = bn_momentum
-        self.pool_size = pool_size
-        self.crop_padding = crop_padding
-        self.flip = flip
-        self.meta = meta
-        self.num_classes: int = getattr(generator, "num_classes")  # noqa: B009
-        self.latent_dim: int = getattr(generator, "latent_dim")  # noqa: B009
-        self.conditional = False
+        self.lr_z, self.bn_momentum, self.meta = lr_z, bn_momentum, meta
         self.meta_optimizer = torch.optim.Adam(generator.parameters(), lr=lr * iterations, betas=(0.5, 0.999))
-        self._rng = torch.Generator().manual_seed(seed)
-        self._pool: list[Tensor] = []
         self._bn_average: list[tuple[Tensor, Tensor]] | None = None
-        self.calls = 0
 
     def step(self, teacher: nn.Module, student: nn.Module | None = None) -> dict[str, float]:
         """One synthesis call: optimize a new batch from the meta generator, pool it, meta-update.
@@ -376,27 +399,19 @@ class FastSynthesizer(PooledSynthesizer):
 CMI_TERMS = ("bn", "oh", "adv")
 
 
-class InstanceMeans:
+class InstanceMeans(ForwardHooks):
     """Forward hooks collecting the per-channel spatial mean of the input of every BatchNorm2d
     layer of ``model`` (CMI's ``InstanceMeanHook``), one ``(B, Σ channels)`` matrix per forward."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__([m for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
         self.means: list[Tensor] = []
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         self.means.append(inputs[0].mean((2, 3)))
 
-    def __enter__(self) -> InstanceMeans:
+    def reset(self) -> None:
         self.means = []
-        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
     def take(self) -> Tensor:
         """The features of the forward since the last call."""
@@ -462,51 +477,21 @@ class CMISynthesizer(PooledSynthesizer):
         crop_padding: int = 4,
         flip: bool = False,
     ) -> None:
-        extra = sorted(set(objective.active) - set(CMI_TERMS))
-        if extra:
-            raise ConfigError(f"synthesizer 'cmi' takes the terms {', '.join(CMI_TERMS)}; got {', '.join(extra)}")
-        if getattr(generator, "conditional", False):
-            raise ConfigError("synthesizer 'cmi' needs an unconditional generator (its labels go to the teacher only)")
-        checks = (
-            (iterations >= 1, f"synthesizer.cmi.iterations must be ≥ 1, got {iterations}"),
-            (contrastive >= 0, f"synthesizer.cmi.contrastive must be ≥ 0, got {contrastive}"),
-            (cr_temperature > 0, f"synthesizer.cmi.cr-temperature must be > 0, got {cr_temperature}"),
-            (bank_size >= 1, f"synthesizer.cmi.bank-size must be ≥ 1, got {bank_size}"),
-            (negatives >= 1, f"synthesizer.cmi.negatives must be ≥ 1, got {negatives}"),
-            (head_dim >= 1, f"synthesizer.cmi.head-dim must be ≥ 1, got {head_dim}"),
-            (0 < local_scale <= 1, f"synthesizer.cmi.local-scale must be in (0, 1], got {local_scale}"),
-            (pool_size >= 0, f"synthesizer.cmi.pool-size must be ≥ 0, got {pool_size}"),
-            (crop_padding >= 0, f"synthesizer.cmi.crop-padding must be ≥ 0, got {crop_padding}"),
-            (batch_size >= 1, f"synthesis batch size must be ≥ 1, got {batch_size}"),
-            (lr > 0, f"generator learning rate must be > 0, got {lr}"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        self.generator = generator
-        self.objective = objective
-        self.batch_size = batch_size
-        self.lr = lr
-        self.warmup = warmup
-        self.iterations = iterations
-        self.contrastive = contrastive
-        self.cr_temperature = cr_temperature
-        self.bank_size = bank_size
-        self.negatives = negatives
-        self.head_dim = head_dim
-        self.local_scale = local_scale
-        self.pool_size = pool_size
-        self.crop_padding = crop_padding
-        self.flip = flip
-        self.num_classes: int = getattr(generator, "num_classes")  # noqa: B009
-        self.latent_dim: int = getattr(generator, "latent_dim")  # noqa: B009
-        self._rng = torch.Generator().manual_seed(seed)
-        self._pool: list[Tensor] = []
+        self._setup("cmi", CMI_TERMS, generator, objective, batch_size, lr, seed, warmup, iterations, pool_size,
+                    crop_padding, flip, (
+                        (contrastive >= 0, f"synthesizer.cmi.contrastive must be ≥ 0, got {contrastive}"),
+                        (cr_temperature > 0, f"synthesizer.cmi.cr-temperature must be > 0, got {cr_temperature}"),
+                        (bank_size >= 1, f"synthesizer.cmi.bank-size must be ≥ 1, got {bank_size}"),
+                        (negatives >= 1, f"synthesizer.cmi.negatives must be ≥ 1, got {negatives}"),
+                        (head_dim >= 1, f"synthesizer.cmi.head-dim must be ≥ 1, got {head_dim}"),
+                        (0 < local_scale <= 1, f"synthesizer.cmi.local-scale must be in (0, 1], got {local_scale}"),
+                    ))  # fmt: skip
+        self.contrastive, self.cr_temperature, self.bank_size = contrastive, cr_temperature, bank_size
+        self.negatives, self.head_dim, self.local_scale = negatives, head_dim, local_scale
         self._bank: Tensor | None = None  # (n, 2·D): local ⊕ global features of kept batches
         self.head: nn.Module | None = None  # built on the first call, when the feature width is known
         self.head_optimizer: torch.optim.Optimizer | None = None
         self._pending_head: dict[str, Any] | None = None
-        self.calls = 0
 
     def _build_head(self, dim: int) -> None:
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=self._rng)))

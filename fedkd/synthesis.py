@@ -132,17 +132,47 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-class BNStatistics:
+class ForwardHooks:
+    """Forward hooks on ``layers`` for the length of a ``with`` block: registered on enter
+    (after :meth:`reset`), removed on exit even when the forward raises. Subclasses define
+    ``_hook(module, inputs, output)`` and what :meth:`reset` clears."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Clear what the hooks collected (called on enter)."""
+
+    def __enter__(self) -> Any:
+        self.reset()
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class BNStatistics(ForwardHooks):
     """DeepInversion's BN-statistics loss, gathered by forward hooks on ``model``'s BN layers.
 
     Use as a context manager: hooks are registered on enter and removed on exit, even when
     the forward raises. Inside, every forward of ``model`` adds to :attr:`loss`.
     """
 
+    layers: list[nn.modules.batchnorm._BatchNorm]  # type: ignore[assignment]
+
     def __init__(self, model: nn.Module) -> None:
-        self.layers = bn_layers(model)
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__(list(bn_layers(model)))
         self.terms: list[Tensor] = []
+
+    def reset(self) -> None:
+        self.terms = []
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         assert isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -154,16 +184,6 @@ class BNStatistics:
         self.terms.append(
             torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var)
         )
-
-    def __enter__(self) -> BNStatistics:
-        self.terms = []
-        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
     @property
     def loss(self) -> Tensor:

@@ -158,6 +158,22 @@ def _sets(items: list[str]) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
+def _strip(run_dir: Path) -> list[dict[str, object]]:
+    """metrics.jsonl without its wall-clock fields."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "elapsed")} for r in rows]
+
+
+def _resumed_rows(tmp_path: Path, sets: list[str]) -> list[dict[str, object]]:
+    """Run ``sets`` into ``tmp_path/b``, drop its newest checkpoint and summary (as if interrupted after
+    epoch 3), resume it; its metrics."""
+    assert main(["dfkd", "--out", str(tmp_path / "b"), *sets]) == 0
+    (tmp_path / "b" / "checkpoint-00004.pt").unlink()
+    (tmp_path / "b" / "summary.json").unlink()
+    assert main(["dfkd", "--resume", str(tmp_path / "b")]) == 0
+    return _strip(tmp_path / "b")
+
+
 def test_fedkd_dfkd_with_fast_warms_up_pools_and_resumes(tmp_path: Path) -> None:
     sets = [*_sets(FAST), "--set", f"dfkd.teacher-cache={tmp_path}", "--set", "checkpoint.keep-final=2"]
     assert main(["dfkd", "--out", str(tmp_path / "a"), *sets]) == 0
@@ -166,14 +182,7 @@ def test_fedkd_dfkd_with_fast_warms_up_pools_and_resumes(tmp_path: Path) -> None
     assert "s_kd_loss" not in rows[0] and all("s_kd_loss" in r for r in rows[1:]), "epoch 1 is warm-up"
     assert "g_adv" not in rows[0] and "g_adv" in rows[1]
     assert rows[1]["lr"] == pytest.approx(0.01) and rows[-1]["lr"] < rows[1]["lr"], "cosine after the warm-up"
-    # interrupted after epoch 3: the newest checkpoint and the summary gone, resumed from epoch 3
-    assert main(["dfkd", "--out", str(tmp_path / "b"), *sets]) == 0
-    (tmp_path / "b" / "checkpoint-00004.pt").unlink()
-    (tmp_path / "b" / "summary.json").unlink()
-    assert main(["dfkd", "--resume", str(tmp_path / "b")]) == 0
-    strip = lambda d: [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "elapsed")}  # noqa: E731
-                       for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
-    assert strip("b") == strip("a"), "the pool, the meta generator and its Adam state were restored"
+    assert _resumed_rows(tmp_path, sets) == _strip(tmp_path / "a"), "the pool, the meta generator and its Adam state were restored"
 
 
 BAD = [
@@ -286,10 +295,4 @@ def test_fedkd_dfkd_with_cmi_runs_and_resumes(tmp_path: Path) -> None:
     assert main(["dfkd", "--out", str(tmp_path / "a"), *sets]) == 0
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["pool"] for r in rows] == [16, 32, 48, 64] and all("g_cr" in r for r in rows)
-    assert main(["dfkd", "--out", str(tmp_path / "b"), *sets]) == 0
-    (tmp_path / "b" / "checkpoint-00004.pt").unlink()
-    (tmp_path / "b" / "summary.json").unlink()
-    assert main(["dfkd", "--resume", str(tmp_path / "b")]) == 0
-    strip = lambda d: [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "elapsed")}  # noqa: E731
-                       for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
-    assert strip("b") == strip("a"), "the pool, the bank and the head were restored"
+    assert _resumed_rows(tmp_path, sets) == _strip(tmp_path / "a"), "the pool, the bank and the head were restored"
