@@ -95,6 +95,48 @@ def round_printer(total: int) -> Callable[[dict[str, Any]], None]:
     return show
 
 
+def _check_client_device(cfg: Any) -> None:
+    """``clients.device`` against this machine and the engine (``fedkd run``'s engines run their
+    clients here; a deployment's SuperNodes resolve their own device when they train)."""
+    import torch
+
+    from fedkd.errors import ConfigError
+    from fedkd.train import resolve_device
+
+    name, engine, gpus = cfg.str("clients.device"), cfg.str("engine"), cfg.float("ray.num-gpus")
+    if cfg.bool("clients.batched") and engine != "local":
+        raise ConfigError(f"clients.batched = true needs the local engine (engine = {engine!r} runs each client "
+                          "in its own actor); set engine = local or clients.batched = false")  # fmt: skip
+    if engine == "ray" and gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(f"ray.num-gpus = {gpus:g} reserves a GPU share per client actor, but no CUDA GPU is visible "
+                          "(set ray.num-gpus = 0)")  # fmt: skip
+    if name == "auto":
+        return
+    if engine == "ray" and name != "cpu" and gpus <= 0:
+        raise ConfigError(f"clients.device = {name!r} on the ray engine needs a GPU share per actor: "
+                          "set ray.num-gpus > 0 (e.g. 0.25) or clients.device = auto")  # fmt: skip
+    resolve_device(name, "clients.device")
+
+
+def device_plan(cfg: Any) -> str:
+    """Where the server and the clients of ``fedkd run`` will compute, in words, e.g.
+    ``server cpu, clients cpu (auto: no CUDA GPU)``."""
+    import torch
+
+    from fedkd.train import resolve_device
+
+    server = resolve_device(cfg.str("device"))
+    name, engine = cfg.str("clients.device"), cfg.str("engine")
+    if name != "auto":
+        clients = str(resolve_device(name, "clients.device"))
+    elif engine == "local":
+        clients = str(server)
+    else:
+        clients = "cuda (a GPU share per actor)" if cfg.float("ray.num-gpus") > 0 else "cpu (ray.num-gpus = 0)"
+    auto = "auto" in (cfg.str("device"), name) and not torch.cuda.is_available()
+    return f"server {server}, clients {clients}" + (" (auto: no CUDA GPU)" if auto else "")
+
+
 def _preflight(cfg: Any) -> None:
     """Check everything a user can get wrong before any run directory is created."""
     import numpy as np
@@ -108,6 +150,7 @@ def _preflight(cfg: Any) -> None:
     from fedkd.train import resolve_device
 
     resolve_device(cfg.str("device"))  # malformed or unavailable: one line, before anything exists
+    _check_client_device(cfg)
     check_tensorboard(cfg)
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
     archs = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))
@@ -150,8 +193,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             sets.append(f"engine={args.engine}")
         cfg = load_config(sim, sets, args.seed)
         run_dir = prepare_run(cfg, args.out, sim)
-        OUT.say(f"fedkd run: {sim} on the {cfg.str('engine')} engine -> {run_dir}",
-                {"event": "start", "sim": str(sim), "run_dir": str(run_dir)})  # fmt: skip
+        OUT.say(f"fedkd run: {sim} on the {cfg.str('engine')} engine, {device_plan(cfg)} -> {run_dir}",
+                {"event": "start", "sim": str(sim), "run_dir": str(run_dir), "devices": device_plan(cfg)})  # fmt: skip
     t = time.perf_counter()
     summary = execute(cfg, run_dir, round_printer(cfg.int("rounds")), resume=args.resume is not None)
     if not summary:

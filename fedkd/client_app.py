@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,13 +20,14 @@ from flwr.clientapp import ClientApp
 
 from fedkd import faults as F
 from fedkd import records
+from fedkd.batched import Client, train_one
 from fedkd.config import Config
 from fedkd.data import label_counts, load_dataset, partition
 from fedkd.data.partition import is_lazy, partition_of
 from fedkd.errors import UserError
 from fedkd.federation import parse_architectures
 from fedkd.models import FedkdModel, build_model
-from fedkd.train import FedGenRegularizer, LocalTrainConfig, derive_seed, evaluate, train_local
+from fedkd.train import FedGenRegularizer, LocalTrainConfig, derive_seed, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +127,32 @@ def fedgen_regularizer(msg: Message, model: FedkdModel, seed: int) -> FedGenRegu
         activation=str(conf.get("fedgen.activation", "relu")),
     )  # fmt: skip
     records.load_record(gen, rec)
+    gen.to(next(model.parameters()).device)
     prior = torch.as_tensor(conf["fedgen.label-prior"], dtype=torch.float64)  # type: ignore[arg-type]
     return FedGenRegularizer(
         gen, float(conf["fedgen.alpha"]), float(conf["fedgen.beta"]), int(conf["fedgen.steps"]),  # type: ignore[arg-type]
         int(conf["fedgen.gen-batch-size"]), prior, seed,  # type: ignore[arg-type]
     )  # fmt: skip
+
+
+def client_device(cfg: Config, node_config: Mapping[str, Any]) -> torch.device:
+    """The device this client trains on.
+
+    A SuperNode's node config ``device`` wins; otherwise ``clients.device``. ``auto`` means:
+    on the local engine, the server's device (``device``: the clients share it); on the ray
+    engine, cuda when the actor has a GPU share (``ray.num-gpus > 0``) and sees one, else cpu;
+    elsewhere (a SuperNode), cuda when this process sees a GPU.
+    """
+    if records.DEVICE in node_config:
+        return resolve_device(str(node_config[records.DEVICE]), "the SuperNode's node config 'device'")
+    name = cfg.str("clients.device")
+    if name != "auto":
+        return resolve_device(name, "clients.device")
+    if node_config.get(records.ENGINE) == "local":
+        return resolve_device(cfg.str("device"))
+    if cfg.str("engine") == "ray" and cfg.float("ray.num-gpus") <= 0:
+        return torch.device("cpu")
+    return resolve_device("auto")
 
 
 def _setup(msg: Message, context: Context) -> tuple[Config, int]:
@@ -144,16 +169,26 @@ def query(msg: Message, context: Context) -> Message:
     cfg, pid = _setup(msg, context)
     _, _, counts = client_partition(cfg, pid)
     arch = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))[pid]
-    info = ConfigRecord({records.PARTITION_ID: pid, records.ARCHITECTURE: arch, records.LABEL_COUNTS: counts})
+    device = str(client_device(cfg, context.node_config))
+    info = ConfigRecord({records.PARTITION_ID: pid, records.ARCHITECTURE: arch, records.LABEL_COUNTS: counts,
+                         records.DEVICE: device})  # fmt: skip
     return Message(RecordDict({records.INFO: info}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Local training on this client's partition, starting from the received weights.
+@dataclass
+class TrainJob:
+    """A train message, prepared: everything its local update needs, and what its reply needs."""
 
-    Simulated faults (``faults.*``, :mod:`fedkd.faults`) apply here.
-    """
+    msg: Message
+    client: Client  # model (with the server's weights, on the device), data, recipe, seed, FedGen term
+    counts: list[int]
+    faults: F.Faults
+    fault: F.ClientFaults
+    start: dict[str, torch.Tensor]  # the received weights, kept for a scaling attack
+
+
+def prepare_train(msg: Message, context: Context) -> TrainJob:
+    """Everything before the local update: config, faults, partition, model, regularizer."""
     cfg, pid = _setup(msg, context)
     conf = msg.content.config_records[records.CONFIG]
     server_round = int(conf.get("server-round", 0))  # type: ignore[arg-type]
@@ -162,17 +197,29 @@ def train(msg: Message, context: Context) -> Message:
     if fault.crash:
         raise RuntimeError(f"simulated crash of partition {pid} in round {server_round} (faults.crash-rate)")
     x, y, counts = client_partition(cfg, pid)
+    device = client_device(cfg, context.node_config)
     model = client_model(cfg, pid)
     records.load_record(model, msg.content.array_records[records.ARRAYS])
-    malicious = fault.malicious
-    if malicious and faults.label_flip:
+    model.to(device)
+    if fault.malicious and faults.label_flip:
         y = F.flip_labels(y, model.num_classes)
-    start = {k: v.clone() for k, v in model.state_dict().items()} if malicious else {}
+    start = {k: v.clone() for k, v in model.state_dict().items()} if fault.malicious else {}
     local = LocalTrainConfig.from_config(cfg, proximal_mu=float(conf.get("proximal-mu", 0.0)))  # type: ignore[arg-type]
     seed = derive_seed(cfg.int("seed"), pid, server_round)
-    loss = train_local(model, x, y, local, seed=seed, regularizer=fedgen_regularizer(msg, model, seed))
-    if malicious and faults.scale_attack != 1.0:
-        F.scale_update(model, start, faults.scale_attack)
+    client = Client(model, x, y, local, seed, device, fedgen_regularizer(msg, model, seed))
+    return TrainJob(msg, client, counts, faults, fault, start)
+
+
+def run_train(job: TrainJob) -> float:
+    """The local update of one prepared job (one by one)."""
+    return train_one(job.client)
+
+
+def finish_train(job: TrainJob, loss: float) -> Message:
+    """Everything after the local update: the attacks and faults on the result, then the reply."""
+    model, faults, fault = job.client.model, job.faults, job.fault
+    if fault.malicious and faults.scale_attack != 1.0:
+        F.scale_update(model, job.start, faults.scale_attack)
     if fault.nan:
         F.poison_nan(model)
     if fault.straggle:
@@ -180,11 +227,23 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             records.ARRAYS: records.to_record(model),
-            records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(x), records.TRAIN_LOSS: loss}),
-            records.INFO: ConfigRecord({records.LABEL_COUNTS: counts}),
+            records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(job.client.x), records.TRAIN_LOSS: loss}),
+            records.INFO: ConfigRecord({records.LABEL_COUNTS: job.counts}),
         }
     )
-    return Message(content, reply_to=msg)
+    return Message(content, reply_to=job.msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on this client's partition, starting from the received weights.
+
+    Simulated faults (``faults.*``, :mod:`fedkd.faults`) apply here. The batched engine
+    (``clients.batched``, :mod:`fedkd.batched`) runs the same three parts, with the middle one
+    shared by the clients of a group.
+    """
+    job = prepare_train(msg, context)
+    return finish_train(job, run_train(job))
 
 
 @app.evaluate()
@@ -194,7 +253,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     x, y, _ = client_partition(cfg, pid)
     model = client_model(cfg, pid)
     records.load_record(model, msg.content.array_records[records.ARRAYS])
-    loss, acc = evaluate(model, x, y, cfg.int("eval.batch-size"))
+    loss, acc = evaluate(model, x, y, cfg.int("eval.batch-size"), client_device(cfg, context.node_config))
     metrics = MetricRecord({records.NUM_EXAMPLES: len(x), "local-loss": loss, "local-accuracy": acc})
     return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
 

@@ -76,6 +76,9 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("clients.lr", 0.05, "Local SGD learning rate.", check=_pos, requirement="> 0"),
     Key("clients.momentum", 0.0, "Local SGD momentum.", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
     Key("clients.weight-decay", 0.0, "Local SGD weight decay.", check=_nonneg, requirement="≥ 0"),
+    Key("clients.device", "auto", "Device the clients train on: auto (the local engine: the server's device; ray: cuda when the actor has a GPU share, ray.num-gpus > 0; a SuperNode: cuda when it has one), cpu, cuda or cuda:N. A SuperNode's node config `device` overrides it.",
+        check=lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()), requirement="auto, cpu, cuda or cuda:N"),  # fmt: skip
+    Key("clients.batched", False, "Local engine: train the sampled clients of each architecture group together, as one vmapped computation per step (fedkd.batched); replies, faults and validation are unchanged."),
     Key("clients.threads", 0, "torch threads per client process/actor (0: leave torch's default).", check=_nonneg, requirement="≥ 0"),
     Key("global.architecture", "", "Architecture of the designated global model; empty: the largest client group's."),
     Key("model.feature-dim", 0, "Feature dimension of every model (0: each model's default).", check=_nonneg, requirement="≥ 0"),

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
@@ -61,16 +61,21 @@ class LocalGrid(Grid):
         Number of virtual SuperNodes; node ``i`` gets ``partition-id = i``.
     run_id : int
         Run id reported in messages.
+    batched : bool
+        Train the train messages of one ``send_and_receive`` together (:mod:`fedkd.batched`):
+        fedkd's ClientApp's own prepare and finish steps per message, the local updates of
+        each architecture group as one computation. Other messages run one by one.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, batched: bool = False) -> None:
         self.client_app = client_app
+        self.batched = batched
         self._run = Run.create_empty(run_id)
         self.contexts: dict[int, Context] = {
             NODE_ID_OFFSET + i: Context(
                 run_id=run_id,
                 node_id=NODE_ID_OFFSET + i,
-                node_config={records.PARTITION_ID: i, "num-partitions": num_nodes},
+                node_config={records.PARTITION_ID: i, "num-partitions": num_nodes, records.ENGINE: "local"},
                 state=RecordDict(),
                 run_config={},
             )
@@ -111,10 +116,8 @@ class LocalGrid(Grid):
         try:
             reply = self.client_app(msg, ctx)
         except Exception as e:  # a ClientApp exception becomes an error reply, as in Flower's runtimes
-            log.debug("ClientApp raised on node %s:\n%s", ctx.node_id, traceback.format_exc())
-            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
-        reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-        return _roundtrip(reply)
+            reply = self._error(msg, ctx, e)
+        return self._reply(reply)
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self._execute(self._pending.pop(i)) for i in list(message_ids) if i in self._pending]
@@ -123,17 +126,68 @@ class LocalGrid(Grid):
         """Run every message's ClientApp call; a reply that took longer than ``timeout`` is lost.
 
         Clients run one after another, but each one's time is measured on its own, as if
-        they ran in parallel: a straggler loses its own reply, not the others'.
+        they ran in parallel: a straggler loses its own reply, not the others'. Batched, a
+        client's time is its own prepare and finish plus its share of its group's training.
         """
-        replies = []
-        for mid in self.push_messages(messages):
+        ids = self.push_messages(messages)
+        timed: list[tuple[Message, float]] = []
+        train = [i for i in ids if self._pending[i].metadata.message_type == MessageType.TRAIN]
+        if self.batched and len(train) > 1:
+            timed.extend(self._execute_batched([self._pending.pop(i) for i in train]))
+            ids = [i for i in ids if i not in set(train)]
+        for mid in ids:
             t = time.perf_counter()
             (reply,) = self.pull_messages([mid])
-            if timeout is not None and time.perf_counter() - t > timeout:
+            timed.append((reply, time.perf_counter() - t))
+        replies = []
+        for reply, seconds in timed:
+            if timeout is not None and seconds > timeout:
                 log.warning("node %s replied after the %.1fs timeout: reply lost", reply.metadata.src_node_id, timeout)
                 continue
             replies.append(reply)
         return replies
+
+    def _error(self, msg: Message, ctx: Context, e: Exception) -> Message:
+        log.debug("ClientApp raised on node %s:\n%s", ctx.node_id, traceback.format_exc())
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg)
+
+    def _execute_batched(self, msgs: list[Message]) -> list[tuple[Message, float]]:
+        """fedkd's ClientApp train handler in three parts, the middle one batched per group."""
+        from fedkd.batched import train_all
+        from fedkd.client_app import finish_train, prepare_train
+
+        out: list[tuple[Message, float]] = []
+        jobs, spent = [], []
+        for msg in msgs:
+            ctx = self.contexts.get(msg.metadata.dst_node_id)
+            t = time.perf_counter()
+            if ctx is None:
+                reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
+            else:
+                try:
+                    jobs.append((prepare_train(msg, ctx), ctx))
+                    spent.append(time.perf_counter() - t)
+                    continue
+                except Exception as e:
+                    reply = self._error(msg, ctx, e)
+            out.append((self._reply(reply), time.perf_counter() - t))
+        try:
+            losses, shares = train_all([j.client for j, _ in jobs])
+        except Exception as e:  # the whole batch failed: every member gets the error, as one by one would
+            return out + [(self._reply(self._error(j.msg, ctx, e)), s) for (j, ctx), s in zip(jobs, spent, strict=True)]
+        for (job, ctx), s, loss, share in zip(jobs, spent, losses, shares, strict=True):
+            t = time.perf_counter()
+            try:
+                reply = finish_train(job, loss)
+            except Exception as e:
+                reply = self._error(job.msg, ctx, e)
+            out.append((self._reply(reply), s + share + time.perf_counter() - t))
+        return out
+
+    @staticmethod
+    def _reply(reply: Message) -> Message:
+        reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        return _roundtrip(reply)
 
 
 class MeteredGrid(Grid):
@@ -245,7 +299,7 @@ def execute(
     summary: dict[str, Any] = {}
     server_app = make_server_app(cfg, run_dir, on_round, summary, checkpoint)
     if cfg.str("engine") == "local":
-        grid = LocalGrid(client_app, cfg.int("clients.num"))
+        grid = LocalGrid(client_app, cfg.int("clients.num"), batched=cfg.bool("clients.batched"))
         server_app(grid, Context(grid.run.run_id, SUPERLINK_NODE_ID, {}, RecordDict(), {}))
     else:
         run_ray(server_app, client_app, cfg)

@@ -17,7 +17,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -92,6 +92,16 @@ class Federation:
     label_counts: np.ndarray
     global_arch: str
     seed: int = 0
+    #: node id → the device it trains on, as the node reported it (``cpu`` when it did not).
+    node_device: Mapping[int, str] = field(default_factory=dict)
+
+    def device_counts(self) -> dict[str, int]:
+        """How many nodes train on each device, e.g. ``{"cpu": 20}``."""
+        out: dict[str, int] = {}
+        for n in self.node_partition:
+            d = self.node_device.get(n, "cpu")
+            out[d] = out.get(d, 0) + 1
+        return out
 
     @property
     def groups(self) -> list[str]:

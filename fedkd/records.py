@@ -25,6 +25,8 @@ TRAIN_LOSS = "train-loss"
 LABEL_COUNTS = "label-counts"
 PARTITION_ID = "partition-id"
 ARCHITECTURE = "architecture"
+DEVICE = "device"  # the device a client trains on (query reply); a SuperNode's node-config key too
+ENGINE = "fedkd-engine"  # node-config key the local engine sets ("local")
 
 SEP = "/"
 

@@ -83,6 +83,7 @@ def handshake(grid: Grid, cfg: Config, global_arch: str, num_classes: int, timeo
     replies = list(grid.send_and_receive(msgs, timeout=cfg.float("round-timeout")))
     node_partition: dict[int, int] = {}
     node_arch: dict[int, str] = {}
+    node_device: dict[int, str] = {}
     counts = np.zeros((n, num_classes), dtype=np.int64)
     for r in replies:
         if r.has_error():
@@ -96,10 +97,13 @@ def handshake(grid: Grid, cfg: Config, global_arch: str, num_classes: int, timeo
         node_partition[r.metadata.src_node_id] = pid
         node_arch[r.metadata.src_node_id] = str(info[records.ARCHITECTURE])
         counts[pid] = np.asarray(info[records.LABEL_COUNTS], dtype=np.int64)
+        node_device[r.metadata.src_node_id] = str(info.get(records.DEVICE, "cpu"))
     missing = sorted(set(range(n)) - set(node_partition.values()))
     if missing:
         raise UserError(f"no node answered for partition ids {missing[:10]}")
-    return Federation(node_partition, node_arch, counts, global_arch, seed=cfg.int("seed"))
+    fed = Federation(node_partition, node_arch, counts, global_arch, seed=cfg.int("seed"), node_device=node_device)
+    log.info("clients train on %s", ", ".join(f"{d} ×{k}" for d, k in fed.device_counts().items()))
+    return fed
 
 
 class Evaluator:
@@ -268,6 +272,7 @@ def run_federation(
             "global_architecture": global_arch,
             "groups": {a: len(fed.nodes(a)) for a in fed.groups},
             "device": str(device),
+            "client_devices": fed.device_counts(),
             "wall_seconds": elapsed_before + time.perf_counter() - t0,
             **({"resumed_after_round": offset} if offset else {}),
         }

@@ -114,6 +114,7 @@ def train_local(
     """
     device = device or torch.device("cpu")
     model.to(device).train()
+    x, y = x.to(device), y.to(device)  # once: no per-step host-to-device copies
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout etc.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -122,7 +123,8 @@ def train_local(
     per_epoch = math.ceil(len(x) / cfg.batch_size) if cfg.steps <= 0 else 0
     epoch_total, epoch_count = 0.0, 0
     for step, idx in enumerate(batches(len(x), cfg.batch_size, gen, cfg.steps, cfg.epochs)):
-        xb, yb = x[idx].to(device), y[idx].to(device)
+        idx = idx.to(device)
+        xb, yb = x[idx], y[idx]
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         if regularizer is not None and (extra := regularizer(model, logits, yb, step)) is not None:
@@ -196,13 +198,20 @@ class FedGenRegularizer:
         with torch.no_grad():
             return self.generator(z, y)
 
+    def draw(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One step's generator draws, in RNG order: ``G(z | y)`` for the batch's labels, the
+        sampled labels ``ŷ`` and ``G(z | ŷ)`` (the batched engine draws them ahead)."""
+        f1 = self._features(y)
+        ys = torch.multinomial(self.prior, self.gen_batch_size, replacement=True, generator=self.rng).to(y.device)
+        return f1, ys, self._features(ys)
+
     def __call__(self, model: nn.Module, logits: Tensor, y: Tensor, step: int) -> Tensor | None:
         if step >= self.steps:
             return None
         head: nn.Module = getattr(model, "classifier")  # noqa: B009
+        f1, ys, f2 = self.draw(y)
         with torch.no_grad():
-            target = F.softmax(head(self._features(y)), dim=1)
+            target = F.softmax(head(f1), dim=1)
         latent = self.beta * F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
-        ys = torch.multinomial(self.prior, self.gen_batch_size, replacement=True, generator=self.rng).to(y.device)
-        teacher = self.alpha * F.cross_entropy(head(self._features(ys)), ys)
+        teacher = self.alpha * F.cross_entropy(head(f2), ys)
         return latent + (self.gen_batch_size / len(y)) * teacher

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedkd.cli import main
 from tests.conftest import TINY
@@ -295,6 +296,18 @@ ROWS = [
     pytest.param([*RUN, "--set", "device=cuda:99", *NEW], re.compile(r"device = 'cuda:99' is not available"), id="device-unavailable-index"),
     pytest.param(["dfkd", "--set", "dataset.name=digits", "--set", "device=cuda:99", *NEW], re.compile(r"device = 'cuda:99' is not available"),
                  id="device-unavailable-dfkd"),
+    # ---------------------------------------------------------------- issue 12: the clients' device
+    pytest.param([*RUN, "--set", "clients.device=gpu", *NEW], "clients.device must be auto, cpu, cuda or cuda:N, got 'gpu'",
+                 id="clients-device-malformed"),
+    pytest.param([*RUN, "--set", "clients.device=cuda:99", *NEW], re.compile(r"clients.device = 'cuda:99' is not available"),
+                 id="clients-device-unavailable"),
+    pytest.param([*RUN, "--engine", "ray", "--set", "clients.device=cuda", *NEW],
+                 "clients.device = 'cuda' on the ray engine needs a GPU share per actor", id="clients-device-ray-no-share"),
+    pytest.param([*RUN, "--engine", "ray", "--set", "ray.num-gpus=0.5", *NEW], "but no CUDA GPU is visible", id="ray-gpus-without-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")),
+    pytest.param([*RUN, "--engine", "ray", "--set", "clients.batched=true", *NEW], "clients.batched = true needs the local engine",
+                 id="batched-on-ray"),
+    pytest.param([*RUN, "--set", "clients.batched=yes", *NEW], "clients.batched", id="batched-not-a-bool"),
     pytest.param([*RUN, "--set", "strategy.name=fedadam", "--set", "strategy.fedadam.eta=-1", *NEW], "strategy.fedadam.eta must be > 0, got -1.0",
                  id="flower-param-fedadam-eta"),
     pytest.param([*RUN, "--set", "strategy.name=fedyogi", "--set", "strategy.fedyogi.beta-1=1.0", *NEW], "strategy.fedyogi.beta-1 must be in [0, 1)",

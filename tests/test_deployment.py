@@ -233,7 +233,9 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path, mode):
                 f"node{i}",
                 [str(BIN / "flower-supernode"), *tls_node, "--superlink", f"127.0.0.1:{link_port}",
                  "--host", "127.0.0.1", "--port", str(port), *auth_args[i],
-                 "--node-config", f"partition-id={i} num-partitions=2", "--max-wait-time", "120"],
+                 # node 0 names its device (the SuperNode's own `device` wins over clients.device)
+                 "--node-config", f"partition-id={i} num-partitions=2" + (" device='cpu'" if i == 0 else ""),
+                 "--max-wait-time", "120"],
             )  # fmt: skip
 
         run_config = (
@@ -248,6 +250,7 @@ def test_flwr_run_on_superlink_and_supernodes(tmp_path, mode):
         assert (out / "summary.json").exists(), proc.stdout[-3000:] + diagnostics()
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"] == 2 and summary["final_accuracy"] > 0.1, summary
+        assert summary["client_devices"] == {"cpu": 2}, summary  # no GPU here: auto is cpu too
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [1, 2]
         for name, p in zip(logs, procs):  # the federation is still up: nobody crashed along the way

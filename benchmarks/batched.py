@@ -1,0 +1,119 @@
+"""The batched client engine against one-by-one clients: one round's local training, side by side.
+
+For each architecture and number of clients, every client of a fresh federation gets the same
+round-1 train message (the S1 recipe by default: mnist5k, Dirichlet α = 0.1, 20 local steps of
+batch 32 at lr 0.01) and the local engine's ``send_and_receive`` runs them, once one by one
+(``clients.batched = false``) and once batched (``true``), interleaved over ``--reps``
+repetitions. The whole ClientApp path is timed (config, partition, model, training, reply,
+Flower's serde both ways); the ratio of the medians is the speed-up. The largest weight
+difference between the two replies of each client is printed too (float32; see
+``tests/test_batched.py`` for what it means).
+
+    python benchmarks/batched.py --reps 3
+    python benchmarks/batched.py --archs mlp --clients 4 --reps 1 --set dataset.name=digits   # smoke test
+
+One torch thread (``--threads``), as every published fedkd run here; on a GPU machine add
+``--device cuda`` (server and clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
+
+from fedkd import records  # noqa: E402
+from fedkd.client_app import app  # noqa: E402
+from fedkd.config import load_config  # noqa: E402
+from fedkd.data import load_dataset  # noqa: E402
+from fedkd.engines import NODE_ID_OFFSET, LocalGrid  # noqa: E402
+from fedkd.models import build_model  # noqa: E402
+
+BASE = ["partition.name=dirichlet", "partition.dirichlet.alpha=0.1", "clients.local-steps=20",
+        "clients.batch-size=32", "clients.lr=0.01", "dataset.name=mnist5k"]  # fmt: skip
+
+
+def messages(cfg, arch: str) -> list[Message]:
+    ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    torch.manual_seed(0)
+    arrays = records.to_record(build_model(arch, ds.shape, ds.num_classes))
+    text = cfg.to_toml()
+    out = []
+    for i in range(cfg.int("clients.num")):
+        conf = ConfigRecord({records.RUN_CONFIG: text, "server-round": 1})
+        out.append(Message(RecordDict({records.ARRAYS: arrays, records.CONFIG: conf}), NODE_ID_OFFSET + i, "train",
+                           group_id="1"))  # fmt: skip
+    return out
+
+
+def one_round(cfg, arch: str, batched: bool) -> tuple[float, dict[int, Message]]:
+    grid = LocalGrid(app, cfg.int("clients.num"), batched=batched)
+    msgs = messages(cfg, arch)
+    t = time.perf_counter()
+    replies = grid.send_and_receive(msgs)
+    seconds = time.perf_counter() - t
+    return seconds, {r.metadata.src_node_id: r for r in replies}
+
+
+def max_diff(a: dict[int, Message], b: dict[int, Message]) -> float:
+    worst = 0.0
+    for node, ra in a.items():
+        xa, xb = ra.content.array_records[records.ARRAYS], b[node].content.array_records[records.ARRAYS]
+        for k in xa:
+            ta, tb = torch.from_numpy(xa[k].numpy()), torch.from_numpy(xb[k].numpy())
+            if ta.is_floating_point():
+                worst = max(worst, float((ta - tb).abs().max()))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default="cnn,mlp")
+    p.add_argument("--clients", default="10,50,100")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set", action="append", default=[], help="extra config overrides")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    print(f"# batched vs one-by-one clients: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s), device {args.device}, reps {args.reps}")  # fmt: skip
+    print("| arch | clients | one by one s (median) | batched s (median) | speed-up | max weight diff |")
+    print("|---|---|---|---|---|---|")
+    for arch in args.archs.split(","):
+        for n in (int(c) for c in args.clients.split(",")):
+            sets = [*BASE, f"clients.num={n}", f"clients.architectures={arch}", f"device={args.device}",
+                    f"clients.device={args.device}", *args.set]  # fmt: skip
+            cfg = load_config(None, sets)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            replies: dict[bool, dict[int, Message]] = {}
+            one_round(cfg, arch, True)  # warm-up: dataset, partition and caches, vmap tracing
+            for _ in range(args.reps):
+                for batched in (False, True):
+                    s, replies[batched] = one_round(cfg, arch, batched)
+                    times[batched].append(s)
+            plain, fast = statistics.median(times[False]), statistics.median(times[True])
+            row = {"arch": arch, "clients": n, "one_by_one_s": plain, "batched_s": fast, "speedup": plain / fast,
+                   "max_weight_diff": max_diff(replies[False], replies[True]), "times": {str(k): v for k, v in times.items()}}  # fmt: skip
+            rows.append(row)
+            print(f"| {arch} | {n} | {plain:.2f} | {fast:.2f} | {plain / fast:.2f}× | {row['max_weight_diff']:.1e} |",
+                  flush=True)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
