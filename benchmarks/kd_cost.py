@@ -113,10 +113,70 @@ def server_ratio() -> list[tuple[str, float, float, float]]:
     return out
 
 
+PAPERS = REPO / "sims" / "papers"
+
+
+def paper_ratio(sim: Path, sets: list[str], cache: bool) -> tuple[float, float, dict[str, float]]:
+    """One round of ``sim`` (a sims/papers recipe) with its own clients: the server's
+    ``aggregate_train`` time, the sampled clients' summed training time, and the round's
+    server metrics; ``cache``: the teacher's logits computed once per reused batch."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    cfg = load_config(sim, sets, 0)
+    n = cfg.int("clients.num")
+    arch = cfg.str("clients.architectures")
+    ds = load_dataset(cfg.str("dataset.name"), "", False)
+    counts = np.stack([np.asarray(client_partition(cfg, pid)[2]) for pid in range(n)])
+    fed = Federation({1000 + i: i for i in range(n)}, {1000 + i: arch for i in range(n)}, counts, arch, seed=0)
+    ctx = ServerContext(ds.shape, ds.num_classes, cfg.int("model.feature-dim") or None, torch.device("cpu"), 0,
+                        cfg.int("rounds"), evaluate=lambda m: evaluate(m, ds.x_test, ds.y_test, 500))  # fmt: skip
+    init = client_model(cfg, 0)
+    state = records.pack({arch: records.to_record(init)})
+    k = max(1, round(n * cfg.float("clients.fraction")))
+    sampled = sorted(np.random.default_rng(0).permutation(n)[:k].tolist())
+    replies, client_seconds = [], 0.0
+    for pid in sampled:
+        x, y, c = client_partition(cfg, pid)
+        model = client_model(cfg, pid)
+        model.load_state_dict(init.state_dict())
+        t = time.perf_counter()
+        loss = train_local(model, x, y, LocalTrainConfig.from_config(cfg), seed=derive_seed(0, pid, 1))
+        client_seconds += time.perf_counter() - t
+        content = RecordDict({records.ARRAYS: records.to_record(model),
+                              records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(x), records.TRAIN_LOSS: loss}),
+                              records.INFO: ConfigRecord({records.LABEL_COUNTS: c})})  # fmt: skip
+        replies.append(make_reply(1000 + pid, content))
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return list(fed.node_partition)
+
+    s = build_strategy(cfg, fed, ctx)
+    s.distiller.updater.cache_teacher = cache
+    s.configure_train(1, state, ConfigRecord(), Grid())
+    t = time.perf_counter()
+    s.aggregate_train(1, replies)
+    return time.perf_counter() - t, client_seconds, dict(s.round_metrics)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--paper", action="store_true",
+                   help="only the server/clients ratio of FedDF, FedFTG and DENSE at their sims/papers recipes, "
+                        "with the teacher-logit cache off and on")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], help="extra overrides of every --paper run")
     args = p.parse_args()
+    if args.paper:
+        print("| recipe | cache | server s/round | clients' training s/round | server / clients | distill s |")
+        print("|---|---|---|---|---|---|")
+        for name in ("mnist5k-feddf-dir0.1", "mnist5k-fedftg-dir0.1", "mnist5k-dense-oneshot"):
+            for cache in (False, True):
+                server, clients, m = paper_ratio(PAPERS / f"{name}.toml", args.set, cache)
+                print(f"| {name} | {'on' if cache else 'off'} | {server:.2f} | {clients:.2f} | {server / clients:.2f}× "
+                      f"| {m.get('distill_seconds', float('nan')):.2f} |", flush=True)  # fmt: skip
+        return
     o = fedgen_overhead(args.reps)
     print("| FedGen client overhead | plain ms/step | FedGen ms/step | ratio |\n|---|---|---|---|")
     print(f"| S1 client 0, cnn, batch 32, 20 steps, median of {args.reps} | {o['plain_ms']:.2f} | "

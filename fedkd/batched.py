@@ -272,19 +272,39 @@ def _sgd(
     params: dict[str, Tensor], grads: dict[str, Tensor], momentum: dict[str, Tensor], active: Tensor | None,
     cfg: LocalTrainConfig,
 ) -> None:  # fmt: skip
-    """``torch.optim.SGD``'s update (no dampening, no Nesterov), per client; with ``active``,
-    only where it is true."""
+    """``torch.optim.SGD``'s update (no dampening, no Nesterov), per client, in place; with
+    ``active``, only where it is true."""
     for k, p in params.items():
-        g = grads[k]
+        g = grads[k]  # a fresh tensor of this step: updated in place
         if cfg.weight_decay:
-            g = g + cfg.weight_decay * p
+            g.add_(p, alpha=cfg.weight_decay)
         on = None if active is None else active.view(-1, *([1] * (p.dim() - 1)))
         if momentum:
-            buf = cfg.momentum * momentum[k] + g
-            momentum[k] = buf if on is None else torch.where(on, buf, momentum[k])
-            g = buf
-        new = p - cfg.lr * g
-        params[k] = new if on is None else torch.where(on, new, p)
+            buf = momentum[k]
+            if on is None:
+                g = buf.mul_(cfg.momentum).add_(g)
+            else:
+                buf.copy_(torch.where(on, buf * cfg.momentum + g, buf))
+                g = buf
+        if on is None:
+            p.add_(g, alpha=-cfg.lr)
+        else:
+            p.copy_(torch.where(on, p - cfg.lr * g, p))
+
+
+#: On a CPU, train convolutional models one by one even when batched: vmap runs the clients'
+#: convolutions as one grouped convolution, which is 1.5-3x slower than one client's at a time
+#: on CPU (benchmarks/RESULTS.md); the benchmarks set it to False to measure that path.
+CPU_CONV_ONE_BY_ONE = True
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def _width_class(n: int, batch_size: int) -> int:
+    """The power of two at or above a client's usual batch (``min(n, batch_size)``)."""
+    return 1 << max(min(n, batch_size) - 1, 0).bit_length()
 
 
 def group_key(c: Client) -> tuple[Any, ...]:
@@ -306,9 +326,14 @@ def train_all(clients: Sequence[Client]) -> tuple[list[float], list[float]]:
     seconds: list[float] = [0.0] * len(clients)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, c in enumerate(clients):
-        groups.setdefault(group_key(c), []).append(i)
+        # padding costs compute: clients whose batches are of like size train together
+        groups.setdefault((*group_key(c), _width_class(len(c.x), c.cfg.batch_size)), []).append(i)
     for members in groups.values():
-        reason = unbatchable(clients[members[0]].model, clients[members[0]].regularizer)
+        first = clients[members[0]]
+        reason = unbatchable(first.model, first.regularizer)
+        if reason is None and first.device.type == "cpu" and CPU_CONV_ONE_BY_ONE and _has_conv(first.model):
+            reason = (f"{type(first.model).__name__} has convolutions, which are not faster batched on a CPU "
+                      "(benchmarks/RESULTS.md, 'Batched clients')")  # fmt: skip
         if reason is not None or len(members) == 1:
             if reason is not None:
                 _say_once(reason)

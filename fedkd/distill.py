@@ -635,6 +635,9 @@ class StudentUpdater:
         self.tag = 0
         #: the last fresh batch stepped on: ``(x, y, teacher logits)`` (see :meth:`push_last`)
         self.last: tuple[Tensor, Tensor | None, Tensor] | None = None
+        #: reuse the teacher's logits for a batch stepped on again (exact: see :meth:`_teacher_on`)
+        self.cache_teacher = True
+        self._memo: tuple[nn.Module, Tensor, Tensor | None, tuple[Any, ...], Tensor] | None = None
 
     def batches(self, teacher: nn.Module, x: Tensor, y: Tensor | None = None) -> tuple[Batch, Batch | None]:
         """The fresh batch with the teacher's logits, and a replayed memory batch (or ``None``).
@@ -643,7 +646,7 @@ class StudentUpdater:
         (what the teacher of their time taught); otherwise the current teacher relabels them.
         """
         with torch.no_grad():
-            new = Batch(x, teacher_logits(teacher, x, y))
+            new = Batch(x, self._teacher_on(teacher, x, y))
             replay = self.memory.sample_with_targets(len(x)) if self.memory is not None else None
             if replay is None:
                 return new, None
@@ -651,6 +654,24 @@ class StudentUpdater:
             if not self.stored_targets or mt is None:
                 mt = teacher_logits(teacher, mx, my)
             return new, Batch(mx, mt)
+
+    def _teacher_on(self, teacher: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
+        """The teacher's logits on the fresh batch; computed once for a batch that is stepped on
+        again (FedFTG's and DENSE's reused generator batch) while the teacher is in eval mode and
+        neither it nor the batch changed: the same logits, without re-running the ensemble."""
+        versions = (x._version, None if y is None else y._version)
+        memo = self._memo
+        if (self.cache_teacher and not teacher.training and memo is not None and memo[0] is teacher and memo[1] is x
+                and memo[2] is y and memo[3] == versions):  # fmt: skip
+            return memo[4]
+        out = teacher_logits(teacher, x, y)
+        # the memo holds the objects themselves, so none of them can be freed and its id reused
+        self._memo = (teacher, x, y, versions, out) if self.cache_teacher and not teacher.training else None
+        return out
+
+    def forget_teacher(self) -> None:
+        """Drop the cached teacher logits (and the references to the teacher and batch)."""
+        self._memo = None
 
     def gradients(
         self, student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor | None = None

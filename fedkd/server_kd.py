@@ -337,6 +337,7 @@ class ServerDistiller:
                 for k, v in out.items():
                     stats.setdefault(k, []).append(v)
         self._remember(teacher, pool, server_round)
+        self.updater.forget_teacher()  # the round's ensemble and batch need not outlive it
         if self.persist_optimizer:
             self._opt_states = {n: o.state_dict() for n, o in opts.items()}
         result = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in stats.items()}

@@ -177,9 +177,12 @@ def _train_messages(cfg_text: str, n: int, server_round: int = 1) -> list:
     return out
 
 
-def test_the_local_grid_replies_match_one_by_one_through_the_client_app(tiny):
+def test_the_local_grid_replies_match_one_by_one_through_the_client_app(tiny, monkeypatch):
     """The real ClientApp path: the same train messages through LocalGrid, batched and not."""
+    import fedkd.batched as B
     from fedkd.client_app import app
+
+    monkeypatch.setattr(B, "CPU_CONV_ONE_BY_ONE", False)  # batch the CNN on the CPU too
 
     sets = [s for s in tiny if not s.startswith("clients.architectures")] + [
         "clients.architectures=cnn-bn", "clients.local-steps=4", "clients.momentum=0.5",
@@ -206,8 +209,11 @@ def test_the_local_grid_replies_match_one_by_one_through_the_client_app(tiny):
         assert lb == pytest.approx(la, rel=1e-4)
 
 
-def test_a_batched_run_with_faults_end_to_end(tmp_path, tiny):
+def test_a_batched_run_with_faults_end_to_end(tmp_path, tiny, monkeypatch):
     """`fedkd run` with clients.batched: faults, validation and the summary as one by one."""
+    import fedkd.batched as B
+
+    monkeypatch.setattr(B, "CPU_CONV_ONE_BY_ONE", False)  # lenet5 batched on the CPU too
     out = {}
     for batched in ("false", "true"):
         d = tmp_path / batched
@@ -220,3 +226,16 @@ def test_a_batched_run_with_faults_end_to_end(tmp_path, tiny):
         assert a["failures"] == b["failures"] and a.get("rejected") == b.get("rejected")
         assert a["bytes_up"] == b["bytes_up"]
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.01)
+
+
+def test_on_a_cpu_convolutional_groups_train_one_by_one_and_say_so(caplog, monkeypatch):
+    import fedkd.batched as B
+
+    monkeypatch.setattr(B, "_WARNED", set())
+    cfg = RECIPES["steps"]
+    calls = []
+    monkeypatch.setattr(B, "train_group", lambda cs: calls.append(len(cs)) or [0.0] * len(cs))
+    with caplog.at_level(logging.WARNING, logger="fedkd.batched"):
+        train_all(clients("lenet5", cfg) + clients("mlp", cfg))
+    assert calls == [3], "the mlp group is batched, the lenet5 group is not"
+    assert any("LeNet5 has convolutions, which are not faster batched on a CPU" in r.getMessage() for r in caplog.records)

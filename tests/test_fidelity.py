@@ -131,6 +131,37 @@ def test_students_reuse_the_generators_batch_made_in_eval_mode(reply, monkeypatc
     assert not torch.equal(seen[0], seen[3]), "a new batch each iteration"
 
 
+@pytest.mark.parametrize("retention", ["none", "replay"])
+def test_the_teacher_runs_once_per_reused_batch_and_nothing_else_changes(reply, monkeypatch, retention):
+    """Speed (issue 12): the teacher's logits on a reused generator batch are computed once per
+    iteration, not once per student step; the global model after the round is bit-identical."""
+    from fedkd import distill
+
+    results, calls = {}, {}
+    for cache in (False, True):
+        s = strategy("fedftg", "strategy.fedftg.iterations=2", "strategy.fedftg.student-steps=3",
+                     f"strategy.fedftg.retention={retention}", "strategy.fedftg.memory-push=16")  # fmt: skip
+        s.distiller.updater.cache_teacher = cache
+        count = [0]
+        real = distill.teacher_logits
+
+        def counting(teacher, x, y=None, real=real, count=count):
+            count[0] += 1
+            return real(teacher, x, y)
+
+        monkeypatch.setattr(distill, "teacher_logits", counting)
+        state = initial_state(federation())
+        s.configure_train(1, state, ConfigRecord(), _Grid())
+        out = s.aggregate_train(1, replies(reply))
+        arrays = out[0] if isinstance(out, tuple) else out
+        results[cache] = {k: v.numpy().copy() for k, v in arrays.items()}
+        calls[cache] = count[0]
+    assert results[True].keys() == results[False].keys()
+    for k in results[True]:
+        assert np.array_equal(results[True][k], results[False][k]), k
+    assert calls[True] < calls[False], calls
+
+
 def test_kd_loss_mean_reduction_is_ce_over_classes():
     s, t = torch.randn(7, 10), torch.randn(7, 10)
     official = torch.mean(-F.log_softmax(s, 1) * F.softmax(t, 1))
