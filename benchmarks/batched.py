@@ -40,8 +40,9 @@ from fedkd.data import load_dataset  # noqa: E402
 from fedkd.engines import NODE_ID_OFFSET, LocalGrid  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
-BASE = ["partition.name=dirichlet", "partition.dirichlet.alpha=0.1", "clients.local-steps=20",
-        "clients.batch-size=32", "clients.lr=0.01", "dataset.name=mnist5k"]  # fmt: skip
+# S1's recipe; min-size 2 so that Dirichlet(0.1) can split mnist5k's 4,000 images over 100 clients
+BASE = ["partition.name=dirichlet", "partition.dirichlet.alpha=0.1", "partition.dirichlet.min-size=2",
+        "clients.local-steps=20", "clients.batch-size=32", "clients.lr=0.01", "dataset.name=mnist5k"]  # fmt: skip
 
 
 def messages(cfg, arch: str) -> list[Message]:
@@ -71,6 +72,10 @@ def one_round(cfg, arch: str, batched: bool, force: bool = False) -> tuple[float
         seconds = time.perf_counter() - t
     finally:
         fedkd.batched.CPU_CONV_ONE_BY_ONE = True
+    failed = [r for r in replies if r.has_error()]
+    if failed or len(replies) != len(msgs):
+        why = failed[0].error.reason if failed else "replies lost"
+        raise SystemExit(f"error: {len(failed)} of {len(msgs)} clients failed: {why}")
     return seconds, {r.metadata.src_node_id: r for r in replies}
 
 

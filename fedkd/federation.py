@@ -13,6 +13,7 @@ Strategies that do server-side work across groups (distillation) subclass
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from collections import defaultdict
@@ -39,6 +40,7 @@ MANAGED_KWARGS = frozenset(
         "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
         "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
         "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "federation", "base_factory", "context",
+        "client_learning_rate", "train_loss_key",
     }
 )  # fmt: skip
 
@@ -458,8 +460,35 @@ STRATEGY_PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "proximal_mu": (lambda v: v >= 0, "≥ 0"),
     "beta": (lambda v: not isinstance(v, str) and 0 <= v < 0.5, "in [0, 0.5) (the fraction trimmed at each end)"),
     "num_malicious_nodes": (lambda v: v >= 0, "≥ 0"),
-    "num_nodes_to_select": (lambda v: v >= 0, "≥ 0"),
+    "num_nodes_to_select": (lambda v: v >= 1, "≥ 1"),
+    "q": (lambda v: v >= 0, "≥ 0"),
 }
+
+#: Replies per round a robust aggregator needs, from its assumed number of malicious nodes f.
+ROBUST_MIN_REPLIES: dict[str, tuple[Callable[[int], int], str]] = {
+    "krum": (lambda f: 2 * f + 3, "2f + 3"),
+    "multikrum": (lambda f: 2 * f + 3, "2f + 3"),
+    "bulyan": (lambda f: 4 * f + 3, "4f + 3"),
+}
+
+
+def check_robust_params(name: str, kwargs: Mapping[str, Any], sampled: int, group_size: int) -> None:
+    """Krum's, Multi-Krum's and Bulyan's assumptions against the ``sampled`` replies per round."""
+    rule = ROBUST_MIN_REPLIES.get(name)
+    if rule is None:
+        return
+    f = int(kwargs.get("num_malicious_nodes", 0))
+    need = rule[0](f)
+    if sampled < need:
+        raise ConfigError(
+            f"strategy {name!r} with num-malicious-nodes = {f} needs at least {rule[1]} = {need} replies per round, "
+            f"but a group of {group_size} clients samples {sampled} (clients.fraction); "
+            f"lower strategy.{name}.num-malicious-nodes or raise clients.fraction / clients.num"
+        )
+    m = int(kwargs.get("num_nodes_to_select", 1))
+    if name == "multikrum" and m > sampled - f:
+        raise ConfigError(f"strategy.multikrum.num-nodes-to-select = {m} exceeds the {sampled} − {f} honest replies "
+                          f"a group of {group_size} clients sends per round")  # fmt: skip
 
 
 def check_strategy_params(name: str, kwargs: Mapping[str, Any]) -> None:
@@ -481,14 +510,21 @@ def base_factory(cfg: Any, name: str) -> BaseFactory:
     check_strategy_params(name, kwargs)
     fraction, eval_fraction = cfg.float("clients.fraction"), cfg.float("eval.fraction")
 
+    accepts = inspect.signature(cls).parameters
+
     def make(group_size: int) -> Strategy:
-        managed = {
+        managed: dict[str, Any] = {
             "fraction_train": fraction,
             "fraction_evaluate": eval_fraction,
             "min_train_nodes": 1,
             "min_evaluate_nodes": 1 if eval_fraction > 0 else 0,
             "min_available_nodes": group_size,
         }
+        if "client_learning_rate" in accepts:  # q-FedAvg rebuilds the clients' gradients with it
+            managed["client_learning_rate"] = cfg.float("clients.lr")
+        if "train_loss_key" in accepts:
+            managed["train_loss_key"] = records.TRAIN_LOSS
+        check_robust_params(name, kwargs, max(int(group_size * fraction), 1), group_size)
         return cls(**managed, **kwargs)
 
     return make

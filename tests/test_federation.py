@@ -143,9 +143,12 @@ def test_sampling_is_stratified_and_seeded():
 
 
 @pytest.mark.parametrize("name", [n for n in STRATEGIES.names() if not issubclass(STRATEGIES.get(n), GroupedStrategy)])
-def test_every_flower_strategy_runs_grouped(reply, name):
+def test_every_flower_strategy_runs_grouped(reply, name, monkeypatch):
+    # three nodes in each group: Krum and Multi-Krum need 2f + 3 replies, Bulyan 4f + 3 (f = 0)
+    monkeypatch.setitem(NODE_ARCH, 13, "a")
+    monkeypatch.setitem(NODE_PID, 13, 5)
     cfg = load_config(None, [f"strategy.name={name}"])
-    s = build_strategy(cfg, fed())
+    s = build_strategy(cfg, Federation(NODE_PID, NODE_ARCH, np.ones((6, 3), int), "a", seed=0))
     msgs = list(s.configure_train(1, state(0.0, 0.0), ConfigRecord(), FakeGrid()))
     assert msgs
     replies = [train_reply(reply, m.metadata.dst_node_id, 1.0, 5) for m in msgs]
@@ -175,3 +178,12 @@ def test_default_global_is_largest_group():
 def test_global_without_clients_needs_a_distillation_strategy():
     with pytest.raises(ConfigError, match="global.architecture 'resnet8' has no clients"):
         build_strategy(load_config(), fed("resnet8"))
+
+
+def test_qfedavg_gets_the_clients_lr_and_loss_key():
+    """q-FedAvg rebuilds each client's update as a gradient with the clients' lr, and weighs it by
+    the loss the clients report: fedkd sets both (they are not config keys)."""
+    s = build_strategy(load_config(None, ["strategy.name=qfedavg", "clients.lr=0.03"]), fed())
+    for base in s.delegates.values():
+        assert base.client_learning_rate == 0.03
+        assert base.train_loss_key == records.TRAIN_LOSS
