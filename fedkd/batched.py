@@ -210,6 +210,8 @@ def train_group(clients: Sequence[Client]) -> list[float]:
     plans = [batches(len(c.x), cfg.batch_size, torch.Generator().manual_seed(c.seed), cfg.steps, cfg.epochs)
              for c in clients]  # fmt: skip
     steps = max(len(p) for p in plans)
+    if steps == 0:  # nobody has a batch (empty partitions): nothing moves, as one by one
+        return [0.0] * len(clients)
     # every client's data in one tensor, and each step's padded batch as one gather from it
     x_all = torch.cat([c.x for c in clients]).to(device)
     y_all = torch.cat([c.y for c in clients]).to(device)
