@@ -68,6 +68,34 @@ def fedgen_overhead(reps: int) -> dict[str, float]:
     return {"plain_ms": p * 1e3, "fedgen_ms": g * 1e3, "ratio": g / p}
 
 
+class NodeList:
+    """The only Grid method strategies call in ``configure_train``: the node list."""
+
+    def __init__(self, fed: Federation) -> None:
+        self.fed = fed
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.fed.node_partition)
+
+
+def train_sampled(cfg, init: torch.nn.Module, sampled: list[int]) -> tuple[list, float]:
+    """Round 1 of the ``sampled`` clients, trained for real from ``init``: their reply Messages
+    and their summed training time (what a sequential simulation spends)."""
+    replies, client_seconds = [], 0.0
+    for pid in sampled:
+        x, y, c = client_partition(cfg, pid)
+        model = client_model(cfg, pid)
+        model.load_state_dict(init.state_dict())
+        t = time.perf_counter()
+        loss = train_local(model, x, y, LocalTrainConfig.from_config(cfg), seed=derive_seed(0, pid, 1))
+        client_seconds += time.perf_counter() - t
+        content = RecordDict({records.ARRAYS: records.to_record(model),
+                              records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(x), records.TRAIN_LOSS: loss}),
+                              records.INFO: ConfigRecord({records.LABEL_COUNTS: c})})  # fmt: skip
+        replies.append(make_reply(1000 + pid, content))
+    return replies, client_seconds
+
+
 def server_ratio() -> list[tuple[str, float, float, float]]:
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -82,22 +110,8 @@ def server_ratio() -> list[tuple[str, float, float, float]]:
     init = client_model(cfg, 0)
     state = records.pack({"cnn": records.to_record(init)})
     sampled = sorted(np.random.default_rng(0).permutation(n)[: n // 2].tolist())  # the S1 fraction
-    replies, client_seconds = [], 0.0
-    for pid in sampled:
-        x, y, c = client_partition(cfg, pid)
-        model = client_model(cfg, pid)
-        model.load_state_dict(init.state_dict())
-        t = time.perf_counter()
-        loss = train_local(model, x, y, LocalTrainConfig.from_config(cfg), seed=derive_seed(0, pid, 1))
-        client_seconds += time.perf_counter() - t
-        content = RecordDict({records.ARRAYS: records.to_record(model),
-                              records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(x), records.TRAIN_LOSS: loss}),
-                              records.INFO: ConfigRecord({records.LABEL_COUNTS: c})})  # fmt: skip
-        replies.append(make_reply(1000 + pid, content))
-
-    class Grid:
-        def get_node_ids(self) -> list[int]:
-            return list(fed.node_partition)
+    replies, client_seconds = train_sampled(cfg, init, sampled)
+    grid = NodeList(fed)
 
     out = []
     for label, sets in (("fedavg", ["strategy.name=fedavg"]), ("fedgen", ["strategy.name=fedgen"]),
@@ -105,7 +119,7 @@ def server_ratio() -> list[tuple[str, float, float, float]]:
                         ("fedftg (4 iterations)", ["strategy.name=fedftg"]),
                         ("feddf + lra", ["strategy.name=feddf", "strategy.feddf.retention=lra"])):  # fmt: skip
         s = build_strategy(load_config(S1, [*SETS, *sets], 0), fed, ctx)
-        s.configure_train(1, state, ConfigRecord(), Grid())
+        s.configure_train(1, state, ConfigRecord(), grid)
         t = time.perf_counter()
         s.aggregate_train(1, replies)
         server = time.perf_counter() - t
@@ -135,26 +149,12 @@ def paper_ratio(sim: Path, sets: list[str], cache: bool) -> tuple[float, float, 
     state = records.pack({arch: records.to_record(init)})
     k = max(1, round(n * cfg.float("clients.fraction")))
     sampled = sorted(np.random.default_rng(0).permutation(n)[:k].tolist())
-    replies, client_seconds = [], 0.0
-    for pid in sampled:
-        x, y, c = client_partition(cfg, pid)
-        model = client_model(cfg, pid)
-        model.load_state_dict(init.state_dict())
-        t = time.perf_counter()
-        loss = train_local(model, x, y, LocalTrainConfig.from_config(cfg), seed=derive_seed(0, pid, 1))
-        client_seconds += time.perf_counter() - t
-        content = RecordDict({records.ARRAYS: records.to_record(model),
-                              records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(x), records.TRAIN_LOSS: loss}),
-                              records.INFO: ConfigRecord({records.LABEL_COUNTS: c})})  # fmt: skip
-        replies.append(make_reply(1000 + pid, content))
-
-    class Grid:
-        def get_node_ids(self) -> list[int]:
-            return list(fed.node_partition)
+    replies, client_seconds = train_sampled(cfg, init, sampled)
+    grid = NodeList(fed)
 
     s = build_strategy(cfg, fed, ctx)
     s.distiller.updater.cache_teacher = cache
-    s.configure_train(1, state, ConfigRecord(), Grid())
+    s.configure_train(1, state, ConfigRecord(), grid)
     t = time.perf_counter()
     s.aggregate_train(1, replies)
     return time.perf_counter() - t, client_seconds, dict(s.round_metrics)

@@ -193,8 +193,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             sets.append(f"engine={args.engine}")
         cfg = load_config(sim, sets, args.seed)
         run_dir = prepare_run(cfg, args.out, sim)
-        OUT.say(f"fedkd run: {sim} on the {cfg.str('engine')} engine, {device_plan(cfg)} -> {run_dir}",
-                {"event": "start", "sim": str(sim), "run_dir": str(run_dir), "devices": device_plan(cfg)})  # fmt: skip
+        plan = device_plan(cfg)
+        OUT.say(f"fedkd run: {sim} on the {cfg.str('engine')} engine, {plan} -> {run_dir}",
+                {"event": "start", "sim": str(sim), "run_dir": str(run_dir), "devices": plan})  # fmt: skip
     t = time.perf_counter()
     summary = execute(cfg, run_dir, round_printer(cfg.int("rounds")), resume=args.resume is not None)
     if not summary:
