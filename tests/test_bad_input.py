@@ -135,6 +135,8 @@ ROWS = [
                  "strategy.dense: generator loss term 'bn' needs a teacher with BatchNorm layers", id="dense-bn-without-batchnorm"),
     pytest.param([*RUN, "--set", "strategy.name=fedgen", "--set", "clients.architectures=mlp:2,lenet5:2", *NEW],
                  "FedGen needs one feature dimension across client architectures", id="fedgen-feature-dims"),
+    pytest.param([*RUN, "--set", "strategy.name=fedensemble", "--set", "strategy.fedensemble.ensemble=median", *NEW],
+                 "strategy.fedensemble.ensemble must be one of", id="fedensemble-ensemble"),
     pytest.param([*RUN, "--set", "strategy.name=fedgen", "--set", "strategy.fedgen.gen-steps=0", *NEW],
                  "strategy.fedgen.gen-steps must be ≥ 1, got 0", id="fedgen-gen-steps"),
     pytest.param([*RUN, "--set", "strategy.name=feddf", "--set", "strategy.feddf.base=dense", *NEW],

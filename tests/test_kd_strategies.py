@@ -169,6 +169,21 @@ def test_fedensemble_reports_the_ensemble(reply):
     assert s.round_metrics["accuracy"] == pytest.approx(acc) and s.round_metrics["ensemble_size"] == 4
 
 
+def test_fedensemble_can_report_the_probability_average(reply):
+    """``ensemble = probs`` evaluates the teacher FedDF/FedFTG distil, not the logit average."""
+    members = list(MODELS.values())
+    _, by_logits = evaluate(EnsembleTeacher(members), DS.x_test, DS.y_test)
+    _, by_probs = evaluate(EnsembleTeacher(members, average="probs"), DS.x_test, DS.y_test)
+    assert by_probs != pytest.approx(by_logits)  # the two combinations differ on these skewed members
+    s = strategy("fedensemble", "strategy.fedensemble.ensemble=probs")
+    state = initial_state(federation())
+    s.configure_train(1, state, ConfigRecord(), _Grid())
+    s.aggregate_train(1, replies(reply))
+    assert s.round_metrics["accuracy"] == pytest.approx(by_probs)
+    with pytest.raises(ConfigError, match="strategy.fedensemble.ensemble must be one of"):
+        strategy("fedensemble", "strategy.fedensemble.ensemble=median")
+
+
 def test_fedftg_runs_on_any_base(reply):
     for base in ("fedprox", "fedavgm", "fedadam"):
         s = strategy("fedftg", f"strategy.fedftg.base={base}", "strategy.fedftg.iterations=1")
