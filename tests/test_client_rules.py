@@ -236,7 +236,7 @@ def _clients():
     return ws, [10, 30]
 
 
-def _configure(strategy, grid_nodes: int = 2):
+def _configure(strategy, grid_nodes: int = 4):
     from fedkd.client_app import app
     from fedkd.engines import LocalGrid
 
