@@ -143,8 +143,6 @@ ROWS = [
                  "strategy.moon.mu must be ≥ 0", id="moon-mu"),
     pytest.param([*RUN, "--set", "strategy.name=moon", "--set", "strategy.moon.temperature=0", *NEW],
                  "strategy.moon.temperature must be > 0", id="moon-temperature"),
-    pytest.param([*RUN, "--set", "strategy.name=fedensemble", "--set", "strategy.fedensemble.ensemble=median", *NEW],
-                 "strategy.fedensemble.ensemble must be one of", id="fedensemble-ensemble"),
     pytest.param([*RUN, "--set", "strategy.name=fedgen", "--set", "strategy.fedgen.gen-steps=0", *NEW],
                  "strategy.fedgen.gen-steps must be ≥ 1, got 0", id="fedgen-gen-steps"),
     pytest.param([*RUN, "--set", "strategy.name=feddf", "--set", "strategy.feddf.base=dense", *NEW],

@@ -365,3 +365,19 @@ def test_the_batched_engine_trains_rule_clients_one_by_one_with_the_same_result(
         assert main(["run", "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
         rows[batched] = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in _rows(out)]
     assert rows["true"] == rows["false"]
+
+
+@pytest.mark.slow
+def test_client_state_persists_between_a_clients_rounds_on_the_ray_engine(tmp_path):
+    """Flower's Simulation Engine: each SuperNode's Context (and so its SCAFFOLD control) outlives the round."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ray-scaffold"
+    argv = [sys.executable, "-m", "fedkd.cli", "run", "--engine", "ray", "--out", str(out), "--quiet"]
+    proc = subprocess.run(
+        [*argv, *[a for s in [*SETS, "strategy.name=scaffold"] for a in ("--set", s)]],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_state_from(_rows(out))
