@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from fedkd.train import FedGenRegularizer, LocalTrainConfig, batches, train_local
+from fedkd.train import FedGenRegularizer, LocalRule, LocalTrainConfig, batches, train_local
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,18 @@ class Client:
     seed: int
     device: torch.device
     regularizer: FedGenRegularizer | None = None
+    rule: LocalRule | None = None  # a strategy's client side (SCAFFOLD, FedDyn, MOON, FedNova)
 
 
 def train_one(c: Client) -> float:
     """The one-by-one local update (:func:`~fedkd.train.train_local`)."""
-    return train_local(c.model, c.x, c.y, c.cfg, seed=c.seed, device=c.device, regularizer=c.regularizer)
+    return train_local(c.model, c.x, c.y, c.cfg, seed=c.seed, device=c.device, regularizer=c.regularizer, rule=c.rule)
 
 
-def unbatchable(model: nn.Module, regularizer: object | None = None) -> str | None:
+def unbatchable(model: nn.Module, regularizer: object | None = None, rule: object | None = None) -> str | None:
     """Why ``model``'s local update cannot be batched, or ``None`` when it can."""
+    if rule is not None:
+        return f"the local-training rule {type(rule).__name__} has no batched form (its clients train one by one)"
     if regularizer is not None and not isinstance(regularizer, FedGenRegularizer):
         return f"the regularizer {type(regularizer).__name__} has no batched form"
     for name, m in model.named_modules():
@@ -316,7 +319,7 @@ def group_key(c: Client) -> tuple[Any, ...]:
     r = c.regularizer
     reg = (type(r).__name__, getattr(r, "alpha", None), getattr(r, "beta", None), getattr(r, "steps", None),
            getattr(r, "gen_batch_size", None)) if r is not None else None  # fmt: skip
-    return (type(model).__name__, shapes, c.cfg, str(c.device), reg)
+    return (type(model).__name__, shapes, c.cfg, str(c.device), reg, type(c.rule).__name__)
 
 
 def train_all(clients: Sequence[Client]) -> tuple[list[float], list[float]]:
@@ -332,7 +335,7 @@ def train_all(clients: Sequence[Client]) -> tuple[list[float], list[float]]:
         groups.setdefault((*group_key(c), _width_class(len(c.x), c.cfg.batch_size)), []).append(i)
     for members in groups.values():
         first = clients[members[0]]
-        reason = unbatchable(first.model, first.regularizer)
+        reason = unbatchable(first.model, first.regularizer, first.rule)
         if reason is None and first.device.type == "cpu" and CPU_CONV_ONE_BY_ONE and _has_conv(first.model):
             reason = (f"{type(first.model).__name__} has convolutions, which are not faster batched on a CPU "
                       "(benchmarks/RESULTS.md, 'Batched clients')")  # fmt: skip

@@ -15,19 +15,28 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd import faults as F
 from fedkd import records
 from fedkd.batched import Client, train_one
+from fedkd.client_state import ClientState, store_for
 from fedkd.config import Config
 from fedkd.data import label_counts, load_dataset, partition
 from fedkd.data.partition import is_lazy, partition_of
 from fedkd.errors import UserError
 from fedkd.federation import parse_architectures
 from fedkd.models import FedkdModel, build_model
-from fedkd.train import FedGenRegularizer, LocalTrainConfig, derive_seed, evaluate, resolve_device
+from fedkd.train import (
+    LOCAL_RULES,
+    FedGenRegularizer,
+    LocalRule,
+    LocalTrainConfig,
+    derive_seed,
+    evaluate,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +144,30 @@ def fedgen_regularizer(msg: Message, model: FedkdModel, seed: int) -> FedGenRegu
     )  # fmt: skip
 
 
+def local_rule(
+    msg: Message, cfg: Config, context: Context, model: FedkdModel, local: LocalTrainConfig, pid: int, server_round: int
+) -> tuple[LocalRule | None, ClientState | None, int]:
+    """The strategy's local-training rule for this message (``rule`` in its config), built
+    with its ``rule.<param>`` keys, the server's ``rule-arrays`` and, for a stateful rule, the
+    state this client saved last (:mod:`fedkd.client_state`): ``(rule, store, state_round)``."""
+    conf = msg.content.config_records[records.CONFIG]
+    name = str(conf.get(records.RULE, "") or "")
+    if not name:
+        return None, None, 0
+    cls = LOCAL_RULES.get(name)
+    prefix = f"{records.RULE}."
+    params = {k[len(prefix) :].replace("-", "_"): v for k, v in conf.items() if k.startswith(prefix)}
+    device = next(model.parameters()).device
+    rec = msg.content.array_records.get(records.RULE_ARRAYS)
+    server = {k: torch.from_numpy(v.numpy().copy()).to(device) for k, v in rec.items()} if rec is not None else {}
+    store, since, state = None, 0, None
+    if cls.stateful:
+        store = store_for(context, str(conf.get(records.STATE_DIR, "") or ""), pid,
+                          cfg.int("checkpoint.every"), cfg.int("checkpoint.keep"))  # fmt: skip
+        since, state = store.load(server_round)
+    return cls(model, local, server, state, **params), store, since
+
+
 def client_device(cfg: Config, node_config: Mapping[str, Any]) -> torch.device:
     """The device this client trains on.
 
@@ -185,6 +218,9 @@ class TrainJob:
     faults: F.Faults
     fault: F.ClientFaults
     start: dict[str, torch.Tensor]  # the received weights, kept for a scaling attack
+    server_round: int = 0
+    store: ClientState | None = None  # where a stateful rule's state is kept
+    state_from: int = 0  # the round of the state the rule started from (0: none)
 
 
 def prepare_train(msg: Message, context: Context) -> TrainJob:
@@ -206,8 +242,9 @@ def prepare_train(msg: Message, context: Context) -> TrainJob:
     start = {k: v.clone() for k, v in model.state_dict().items()} if fault.malicious else {}
     local = LocalTrainConfig.from_config(cfg, proximal_mu=float(conf.get("proximal-mu", 0.0)))  # type: ignore[arg-type]
     seed = derive_seed(cfg.int("seed"), pid, server_round)
-    client = Client(model, x, y, local, seed, device, fedgen_regularizer(msg, model, seed))
-    return TrainJob(msg, client, counts, faults, fault, start)
+    rule, store, since = local_rule(msg, cfg, context, model, local, pid, server_round)
+    client = Client(model, x, y, local, seed, device, fedgen_regularizer(msg, model, seed), rule)
+    return TrainJob(msg, client, counts, faults, fault, start, server_round, store, since)
 
 
 def run_train(job: TrainJob) -> float:
@@ -217,19 +254,26 @@ def run_train(job: TrainJob) -> float:
 
 def finish_train(job: TrainJob, loss: float) -> Message:
     """Everything after the local update: the attacks and faults on the result, then the reply."""
-    model, faults, fault = job.client.model, job.faults, job.fault
+    model, faults, fault, rule = job.client.model, job.faults, job.fault, job.client.rule
+    metrics = MetricRecord({records.NUM_EXAMPLES: len(job.client.x), records.TRAIN_LOSS: loss})
+    arrays: dict[str, Any] = {records.ARRAYS: None}
+    if rule is not None:  # the rule's outputs describe the honest update, before any attack
+        if job.store is not None:
+            job.store.save(job.server_round, rule.state)
+            metrics[records.STATE_FROM] = job.state_from
+        for k, v in rule.metrics.items():
+            metrics[k] = float(v)
+        if rule.arrays:
+            arrays[records.RULE_ARRAYS] = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in rule.arrays.items()})
     if fault.malicious and faults.scale_attack != 1.0:
         F.scale_update(model, job.start, faults.scale_attack)
     if fault.nan:
         F.poison_nan(model)
     if fault.straggle:
         time.sleep(faults.straggler_delay)
+    arrays[records.ARRAYS] = records.to_record(model)
     content = RecordDict(
-        {
-            records.ARRAYS: records.to_record(model),
-            records.METRICS: MetricRecord({records.NUM_EXAMPLES: len(job.client.x), records.TRAIN_LOSS: loss}),
-            records.INFO: ConfigRecord({records.LABEL_COUNTS: job.counts}),
-        }
+        {**arrays, records.METRICS: metrics, records.INFO: ConfigRecord({records.LABEL_COUNTS: job.counts})}
     )
     return Message(content, reply_to=job.msg)
 

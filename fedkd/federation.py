@@ -384,6 +384,7 @@ class GroupedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current is not None, "configure_train must run before aggregate_train"
         self.accepted = self.accept(replies)
+        self._record_state_from(self.accepted)
         by_group = self._by_group(self.accepted)
         groups: dict[str, ArrayRecord] = {}
         parts: list[tuple[MetricRecord, float]] = []
@@ -398,6 +399,18 @@ class GroupedStrategy(Strategy):
             groups[arch] = sub
         self.last_train_metrics = self._merge_metrics(parts)
         return records.pack(groups), self.last_train_metrics
+
+    def _record_state_from(self, replies: list[Message]) -> None:
+        """metrics.jsonl ``state_from``: for each client of a stateful rule (SCAFFOLD, FedDyn,
+        MOON), the round its state was saved in (0: it started fresh). A witness that
+        client state persists between rounds and across ``--resume``."""
+        since: dict[str, int] = {}
+        for msg in replies:
+            v = msg.content.metric_records[records.METRICS].get(records.STATE_FROM)
+            if v is not None:
+                since[str(self.federation.node_partition.get(msg.metadata.src_node_id, -1))] = int(v)  # type: ignore[arg-type]
+        if since:
+            self.round_metrics["state_from"] = since
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

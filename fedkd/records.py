@@ -27,6 +27,10 @@ PARTITION_ID = "partition-id"
 ARCHITECTURE = "architecture"
 DEVICE = "device"  # the device a client trains on (query reply); a SuperNode's node-config key too
 ENGINE = "fedkd-engine"  # node-config key the local engine sets ("local")
+RULE = "rule"  # CONFIG key: the local-training rule of the strategy (fedkd.train.LOCAL_RULES); params "rule.<p>"
+RULE_ARRAYS = "rule-arrays"  # ArrayRecord of a rule, both ways (SCAFFOLD: c down, Δc_i up)
+STATE_DIR = "fedkd.state-dir"  # CONFIG key: where clients keep their state (fedkd.client_state)
+STATE_FROM = "state-from"  # reply metric of a stateful rule: the round its state was saved in (0: fresh)
 
 SEP = "/"
 

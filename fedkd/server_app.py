@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedkd import records
+from fedkd import client_state, records
 from fedkd.checkpoint import Resume, from_tree, rng_state, set_rng_state, to_tree
 from fedkd.checkpoint import prune as prune_checkpoints
 from fedkd.checkpoint import save as save_checkpoint
@@ -255,12 +256,15 @@ def run_federation(
         return MetricRecord({"accuracy": ev["accuracy"], "loss": ev["loss"]})
 
     run_cfg = records.run_config_record(cfg.to_toml())
+    train_cfg = ConfigRecord(dict(run_cfg))
+    if run_dir is not None:  # where clients of stateful rules keep their state (fedkd.client_state)
+        train_cfg[records.STATE_DIR] = str((run_dir / client_state.DIRNAME).resolve())
     _Continued(strategy, offset).start(
         grid=metered,
         initial_arrays=initial,
         num_rounds=rounds - offset,
         timeout=cfg.float("round-timeout"),
-        train_config=run_cfg,
+        train_config=train_cfg,
         evaluate_config=ConfigRecord(dict(run_cfg)),
         evaluate_fn=evaluate_fn,
     )
@@ -279,6 +283,7 @@ def run_federation(
     )
     if run_dir is not None:
         prune_checkpoints(run_dir, cfg.int("checkpoint.keep-final"))
+        shutil.rmtree(run_dir / client_state.DIRNAME, ignore_errors=True)  # a finished run continues no more
     return summary
 
 

@@ -5,15 +5,18 @@ No Flower here: the ClientApp, the tests and the benchmarks call these directly.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from fedkd.registry import Registry
 
 
 def derive_seed(*parts: int) -> int:
@@ -105,10 +108,14 @@ def train_local(
     device: torch.device | None = None,
     regularizer: Regularizer | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    rule: LocalRule | None = None,
 ) -> float:
     """Train ``model`` in place on ``(x, y)``; return the mean training loss.
 
     ``regularizer`` adds a term to each step's loss (e.g. :class:`FedGenRegularizer`).
+    ``rule`` is a strategy's client side (:class:`LocalRule`: SCAFFOLD, FedDyn, MOON,
+    FedNova): a loss term, a gradient correction before each optimizer step, and its
+    outputs (state, arrays, metrics) computed at the end.
     ``on_epoch(epoch, mean_loss)`` is called after each full pass (``epochs`` mode only, not
     with ``steps``); it sees the model but must not change it.
     """
@@ -122,19 +129,30 @@ def train_local(
     total, count = 0.0, 0
     per_epoch = math.ceil(len(x) / cfg.batch_size) if cfg.steps <= 0 else 0
     epoch_total, epoch_count = 0.0, 0
+    steps = 0
     for step, idx in enumerate(batches(len(x), cfg.batch_size, gen, cfg.steps, cfg.epochs)):
         idx = idx.to(device)
         xb, yb = x[idx], y[idx]
-        logits = model(xb)
+        feats = None
+        if rule is not None and rule.needs_features:
+            feats = model.features(xb)  # type: ignore[operator]
+            logits = model.classifier(feats)  # type: ignore[operator]
+        else:
+            logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         if regularizer is not None and (extra := regularizer(model, logits, yb, step)) is not None:
             loss = loss + extra
+        if rule is not None and (term := rule.loss(model, xb, feats, logits, yb)) is not None:
+            loss = loss + term
         if anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
             loss = loss + 0.5 * cfg.proximal_mu * prox
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if rule is not None:
+            rule.correct(model)
         opt.step()
+        steps += 1
         total += float(loss.detach()) * len(idx)
         count += len(idx)
         if on_epoch is not None and per_epoch:
@@ -143,6 +161,8 @@ def train_local(
             if (step + 1) % per_epoch == 0:
                 on_epoch((step + 1) // per_epoch, epoch_total / max(epoch_count, 1))
                 epoch_total, epoch_count = 0.0, 0
+    if rule is not None:
+        rule.end(model, steps)
     return total / max(count, 1)
 
 
@@ -215,3 +235,188 @@ class FedGenRegularizer:
         latent = self.beta * F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
         teacher = self.alpha * F.cross_entropy(head(f2), ys)
         return latent + (self.gen_batch_size / len(y)) * teacher
+
+
+# --------------------------------------------------------------------------- local-training rules
+State = dict[str, Tensor]
+
+
+class LocalRule:
+    """The client side of a strategy's local update, between the server's message and the reply.
+
+    The ClientApp builds one per train message from the strategy's ``rule`` config key
+    (a name in :data:`LOCAL_RULES`), its ``rule.<param>`` keys (constructor keywords), the
+    server's arrays for the rule (``rule-arrays``) and, for a :attr:`stateful` rule, the
+    state this client saved at its last round (:mod:`fedkd.client_state`). During
+    :func:`train_local` the rule adds :meth:`loss` to every step's loss and
+    :meth:`correct`\\ s the gradients before every optimizer step; :meth:`end` then fills
+    :attr:`state` (kept by the client), :attr:`arrays` (sent in the reply's
+    ``rule-arrays``) and :attr:`metrics` (added to the reply's metrics).
+
+    The model arrives holding the server's weights; rules that need them copy them here.
+    """
+
+    #: The rule keeps state between the client's rounds.
+    stateful: ClassVar[bool] = False
+    #: :meth:`loss` needs the batch's features (``model.features``), computed once with the logits.
+    needs_features: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None) -> None:
+        self.cfg = cfg
+        self.state: State = {}
+        self.arrays: State = {}
+        self.metrics: dict[str, float] = {}
+
+    def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
+        """An extra term of this step's loss, or None."""
+        return None
+
+    def correct(self, model: nn.Module) -> None:
+        """Change the gradients after ``backward``, before the optimizer step."""
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        """After the last of ``steps`` optimizer steps: set :attr:`state`, :attr:`arrays`, :attr:`metrics`."""
+
+
+#: Registered local-training rules: ``rule`` names a strategy sends to its clients.
+LOCAL_RULES: Registry[type[LocalRule]] = Registry("local-training rule", "fedkd.rules")
+
+
+def _params(model: nn.Module) -> State:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _like(params: State, given: State | None) -> State:
+    """``given`` on the parameters' devices and dtypes, zeros where it has no entry."""
+    given = given or {}
+    return {n: given[n].to(p) if n in given else torch.zeros_like(p) for n, p in params.items()}
+
+
+@LOCAL_RULES.register("scaffold")
+class ScaffoldRule(LocalRule):
+    """SCAFFOLD's client (Karimireddy et al., ICML 2020, Algorithm 1, option II).
+
+    Every step's gradient becomes ``g + c − c_i`` (server control ``c``, from the message;
+    client control ``c_i``, the client's state, zero at first). After ``K`` steps of lr
+    ``η``: ``c_i⁺ = c_i − c + (x − y) / (K η)``; the client keeps ``c_i⁺`` and sends
+    ``Δc_i = c_i⁺ − c_i``.
+    """
+
+    stateful = True
+
+    def __init__(self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None) -> None:
+        super().__init__(model, cfg, server, state)
+        self.x = _params(model)
+        self.c, self.ci = _like(self.x, server), _like(self.x, state)
+        self.shift = {n: self.c[n] - self.ci[n] for n in self.x}
+
+    def correct(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                p.grad.add_(self.shift[n])
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        scale = 1.0 / (max(steps, 1) * self.cfg.lr)
+        y = dict(model.named_parameters())
+        new = {n: self.ci[n] - self.c[n] + (self.x[n] - y[n].detach()) * scale for n in self.x}
+        self.state = new
+        self.arrays = {n: new[n] - self.ci[n] for n in self.x}
+
+
+@LOCAL_RULES.register("feddyn")
+class FedDynRule(LocalRule):
+    """FedDyn's client (Acar et al., ICLR 2021, Algorithm 1).
+
+    The local objective is ``L_i(θ) − ⟨g_i, θ⟩ + (α/2) ||θ − x||²`` with ``x`` the server's
+    model and ``g_i`` the client's state (zero at first); its gradient terms are added to
+    every step's gradient. At the end ``g_i ← g_i − α (θ_i − x)``.
+    """
+
+    stateful = True
+
+    def __init__(
+        self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None, alpha: float = 0.01
+    ) -> None:
+        super().__init__(model, cfg, server, state)
+        self.alpha = float(alpha)
+        self.x = _params(model)
+        self.g = _like(self.x, state)
+
+    def correct(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                p.grad.add_(self.alpha * (p.detach() - self.x[n]) - self.g[n])
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        y = dict(model.named_parameters())
+        self.state = {n: self.g[n] - self.alpha * (y[n].detach() - self.x[n]) for n in self.x}
+
+
+@LOCAL_RULES.register("moon")
+class MoonRule(LocalRule):
+    """MOON's client (Li, He, Song, CVPR 2021): model-contrastive learning.
+
+    Adds ``μ · ℓ_con`` with ``ℓ_con = −log(e^{sim(z, z_glob)/τ} / (e^{sim(z, z_glob)/τ} +
+    e^{sim(z, z_prev)/τ}))`` (cosine similarity) of the batch's features under the local
+    model ``z``, the received global model ``z_glob`` and this client's model of its last
+    round ``z_prev`` (its state). Without a previous model (a client's first round) there
+    is no negative and the term is left out. Both reference models are frozen, in eval mode.
+    """
+
+    stateful = True
+    needs_features = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: LocalTrainConfig,
+        server: State,
+        state: State | None,
+        mu: float = 1.0,
+        temperature: float = 0.5,
+    ) -> None:
+        super().__init__(model, cfg, server, state)
+        self.mu, self.temperature = float(mu), float(temperature)
+        self.glob = self._frozen(model, None)
+        self.prev = self._frozen(model, state) if state is not None else None
+
+    @staticmethod
+    def _frozen(model: nn.Module, state: State | None) -> nn.Module:
+        ref = copy.deepcopy(model)
+        if state is not None:
+            ref.load_state_dict(state, strict=True)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref.eval()
+
+    def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
+        if self.prev is None or self.mu == 0 or features is None:
+            return None
+        with torch.no_grad():
+            zg = self.glob.features(x)  # type: ignore[operator]
+            zp = self.prev.features(x)  # type: ignore[operator]
+        pos = F.cosine_similarity(features, zg, dim=1) / self.temperature
+        neg = F.cosine_similarity(features, zp, dim=1) / self.temperature
+        target = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        return self.mu * F.cross_entropy(torch.stack([pos, neg], dim=1), target)
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def nova_normalizer(steps: int, momentum: float) -> float:
+    """FedNova's ``a_i = ||a||₁`` of local SGD with momentum ``ρ``: ``τ`` without momentum,
+    ``(τ − ρ (1 − ρ^τ) / (1 − ρ)) / (1 − ρ)`` with it (Wang et al., NeurIPS 2020, §4)."""
+    if momentum <= 0:
+        return float(steps)
+    r = momentum
+    return (steps - r * (1 - r**steps) / (1 - r)) / (1 - r)
+
+
+@LOCAL_RULES.register("fednova")
+class FedNovaRule(LocalRule):
+    """FedNova's client: ordinary local SGD that reports its step count ``τ_i`` and normalizer
+    ``a_i`` (:func:`nova_normalizer`) for the server's normalized averaging."""
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        self.metrics = {"fednova-steps": float(steps), "fednova-a": nova_normalizer(steps, self.cfg.momentum)}
