@@ -136,7 +136,7 @@ def test_an_unbatchable_group_falls_back_and_says_so_once(caplog, monkeypatch):
     import fedkd.batched as B
 
     monkeypatch.setattr(B, "_WARNED", set())
-    monkeypatch.setattr(B, "unbatchable", lambda model, regularizer=None: "test: no batched form")
+    monkeypatch.setattr(B, "unbatchable", lambda *a, **k: "test: no batched form")
     cfg = RECIPES["steps"]
     ref, bat = clients("mlp", cfg), clients("mlp", cfg)
     for c in ref:

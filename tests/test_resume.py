@@ -59,6 +59,8 @@ def interrupted(out: Path, sets: list[str], after: int) -> None:
     [
         pytest.param(KD, id="feddf-lra"),
         pytest.param([*BASE, "strategy.name=fedadam"], id="fedadam"),
+        # stateful clients: each client's SCAFFOLD control comes back from the round it was last sampled in
+        pytest.param([*BASE, "strategy.name=scaffold", "clients.fraction=0.5"], id="scaffold-client-state"),
         pytest.param([*BASE, "clients.architectures=mlp:2,lenet5:2", "strategy.name=fedgen",
                       "model.feature-dim=16", "strategy.fedgen.gen-steps=5"], id="fedgen-hetero"),  # fmt: skip
     ],
