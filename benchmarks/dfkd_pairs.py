@@ -52,6 +52,8 @@ METHODS: dict[str, tuple[str, list[str], bool]] = {
     "adi": ("sims/dfkd-mnist5k-dfad.toml", ["synthesis.preset=adi"], True),
     # DFAD plus DeepInversion's BN-statistics term: the candidate fix for BatchNorm teachers
     "dfad-bn": ("sims/dfkd-mnist5k-dfad.toml", ["synthesis.weights=bn=1"], True),
+    # the same with a 10x generator step (1e-2): the lever the one-factor diagnosis found
+    "dfad-bn-glr": ("sims/dfkd-mnist5k-dfad.toml", ["synthesis.weights=bn=1", "synthesis.lr=1e-2"], True),
     "fast": (
         "sims/dfkd-mnist5k-dfad.toml",
         ["synthesizer.name=fast", "synthesis.preset=fast", "synthesis.lr=5e-3", "synthesizer.fast.iterations=2",

@@ -50,7 +50,7 @@ def variant(alpha: float, beta: float, order: str, memory: int) -> tuple[str, li
 
 def sweep() -> dict[str, list[str]]:
     """One factor at a time around the official lra (α 0.9, β 1, second order, memory 160)."""
-    out = dict([variant(0.9, 1.0, "so", 160)])
+    out = {"lra": RULES["lra"]}  # the official setting = the rules stage's lra run (reused)
     for a in (0.1, 0.01):
         out.update([variant(a, 1.0, "so", 160)])
     for b in (0.5, 0.1):

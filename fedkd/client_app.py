@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_clip_model_update
 
 from fedkd import faults as F
 from fedkd import records
@@ -221,6 +223,7 @@ class TrainJob:
     server_round: int = 0
     store: ClientState | None = None  # where a stateful rule's state is kept
     state_from: int = 0  # the round of the state the rule started from (0: none)
+    clip: tuple[float, list[Any]] | None = None  # DP clipping norm and the received arrays (strategies/dp.py)
 
 
 def prepare_train(msg: Message, context: Context) -> TrainJob:
@@ -244,7 +247,10 @@ def prepare_train(msg: Message, context: Context) -> TrainJob:
     seed = derive_seed(cfg.int("seed"), pid, server_round)
     rule, store, since = local_rule(msg, cfg, context, model, local, pid, server_round)
     client = Client(model, x, y, local, seed, device, fedgen_regularizer(msg, model, seed), rule)
-    return TrainJob(msg, client, counts, faults, fault, start, server_round, store, since)
+    clip = None
+    if KEY_CLIPPING_NORM in conf:  # a client-side DP wrapper asks for the update clipped
+        clip = (float(conf[KEY_CLIPPING_NORM]), msg.content.array_records[records.ARRAYS].to_numpy_ndarrays())  # type: ignore[arg-type]
+    return TrainJob(msg, client, counts, faults, fault, start, server_round, store, since, clip)
 
 
 def run_train(job: TrainJob) -> float:
@@ -272,6 +278,12 @@ def finish_train(job: TrainJob, loss: float) -> Message:
     if fault.straggle:
         time.sleep(faults.straggler_delay)
     arrays[records.ARRAYS] = records.to_record(model)
+    if job.clip is not None:  # what Flower's fixedclipping_mod / adaptiveclipping_mod do to the reply
+        norm, received = job.clip
+        sent = arrays[records.ARRAYS]
+        values = sent.to_numpy_ndarrays()
+        metrics[KEY_NORM_BIT] = int(compute_adaptive_clip_model_update(values, received, norm))
+        arrays[records.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(sent.keys(), values, strict=True)})
     content = RecordDict(
         {**arrays, records.METRICS: metrics, records.INFO: ConfigRecord({records.LABEL_COUNTS: job.counts})}
     )

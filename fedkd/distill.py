@@ -26,6 +26,8 @@ student (the official LRA code loses it through ``higher``'s ``copy_initial_weig
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import logging
 import math
@@ -37,7 +39,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, stack_module_state, vmap
 from torch.nn import functional as F
 
 from fedkd.errors import ConfigError
@@ -143,6 +145,53 @@ def kd_loss(name: str, temperature: float = 1.0, reduction: str = "auto") -> Los
 # --------------------------------------------------------------------------- teachers
 
 
+class _LogitsAndFeatures(nn.Module):
+    """``x → (classifier(features(x)), features(x))`` of a fedkd model, as one module."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.inner.features(x)  # type: ignore[operator]
+        return self.inner.classifier(h), h  # type: ignore[operator]
+
+
+class _Stack:
+    """Members of one architecture as one vmapped ``functional_call`` over stacked weights."""
+
+    def __init__(self, members: Sequence[nn.Module], index: Sequence[int]) -> None:
+        self.index = list(index)
+        params, buffers = stack_module_state(list(members))  # copies: the members stay as they are
+        self.state = {n: v.detach() for n, v in {**params, **buffers}.items()}
+        self.template = copy.deepcopy(members[0]).to("meta")
+        first = members[0]
+        self.features = None
+        if callable(getattr(first, "features", None)) and isinstance(getattr(first, "classifier", None), nn.Module):
+            self.features = _LogitsAndFeatures(self.template)
+
+    def __call__(self, x: Tensor, features: bool) -> tuple[Tensor, Tensor | None]:
+        """Logits ``(G, B, C)`` of the group's members and, with ``features`` (when they have
+        them), their features ``(G, B, D)``."""
+        if features and self.features is not None:
+            wrapped = self.features
+            state = {f"inner.{n}": v for n, v in self.state.items()}
+
+            def both(s: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+                out: tuple[Tensor, Tensor] = functional_call(wrapped, s, (x,))
+                return out
+
+            lg, h = vmap(both, in_dims=(0, None))(state, x)
+            return lg, h
+        template = self.template
+
+        def plain(s: dict[str, Tensor], x: Tensor) -> Tensor:
+            out: Tensor = functional_call(template, s, (x,))
+            return out
+
+        return vmap(plain, in_dims=(0, None))(self.state, x), None
+
+
 class EnsembleTeacher(nn.Module):
     """An ensemble of classifiers acting as one teacher.
 
@@ -188,6 +237,27 @@ class EnsembleTeacher(nn.Module):
             total = counts.sum(0, keepdim=True)
             w = torch.where(total > 0, counts / total.clamp_min(1e-12), torch.full_like(counts, 1.0 / len(members)))
             self.register_buffer("class_weights", w)
+        #: evaluate same-architecture members as one vmapped call (see :meth:`set_speed`)
+        self.vmap = False
+        #: autocast dtype of the members' forward passes (``None``: the members' own dtype)
+        self.autocast: torch.dtype | None = None
+        self._stacks: list[_Stack] | None = None
+        self._stack_key: tuple[Any, ...] | None = None
+
+    def set_speed(self, vmap: bool = False, autocast: torch.dtype | None = None) -> EnsembleTeacher:
+        """Speed options of the forward passes (same results, up to float tolerance).
+
+        ``vmap``: members of one architecture (same module type and state shapes) run as one
+        :func:`torch.func.vmap`-ed :func:`~torch.func.functional_call` over their stacked
+        weights, in eval mode only (training-mode BatchNorm writes its statistics in place;
+        it then falls back to one member at a time). The stacks are rebuilt whenever a
+        member's tensors change. ``autocast``: run the members under
+        :func:`torch.autocast` with this dtype (e.g. ``torch.bfloat16``); the combined
+        logits come back in float32.
+        """
+        self.vmap, self.autocast = vmap, autocast
+        self._stacks, self._stack_key = None, None
+        return self
 
     def member_weights(self, batch: int, y: Tensor | None, logits: Tensor) -> Tensor:
         """Weights ``(B, K)`` of the members for each sample.
@@ -220,14 +290,57 @@ class EnsembleTeacher(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Ensemble logits ``(B, C)`` for inputs ``x`` (and labels ``y`` for class weights)."""
-        return self._combine(torch.stack([m(x) for m in self.members]), y)
+        with self._autocast(x):
+            logits = self._member_outputs(x, features=False)[0]
+        return self._combine(logits.float(), y)
 
     def forward_features(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Ensemble logits and the members' features concatenated (``None`` for heads)."""
-        outs = [logits_and_features(m, x) for m in self.members]
-        feats = [f for _, f in outs if f is not None]
-        cat = torch.cat(feats, 1) if len(feats) == len(outs) else None
-        return self._combine(torch.stack([lg for lg, _ in outs]), y), cat
+        with self._autocast(x):
+            logits, feats = self._member_outputs(x, features=True)
+        return self._combine(logits.float(), y), None if feats is None else feats.float()
+
+    def _autocast(self, x: Tensor) -> Any:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=self.autocast)
+
+    def _member_outputs(self, x: Tensor, features: bool) -> tuple[Tensor, Tensor | None]:
+        """Stacked member logits ``(K, B, C)`` and, with ``features``, their features
+        concatenated ``(B, ΣD)`` (``None`` when a member has none), in member order."""
+        k = len(self.members)
+        logits: list[Tensor | None] = [None] * k
+        feats: list[Tensor | None] = [None] * k
+        done = [False] * k
+        for stack in self._vmapped_stacks(features):
+            lg, ft = stack(x, features)
+            for j, i in enumerate(stack.index):
+                logits[i], feats[i], done[i] = lg[j], None if ft is None else ft[j], True
+        for i, m in enumerate(self.members):
+            if not done[i]:
+                if features:
+                    logits[i], feats[i] = logits_and_features(m, x)
+                else:
+                    logits[i] = m(x)
+        out = torch.stack([t for t in logits if t is not None])
+        if not features or any(f is None for f in feats):
+            return out, None
+        return out, torch.cat([f for f in feats if f is not None], 1)
+
+    def _vmapped_stacks(self, features: bool) -> list[_Stack]:
+        """The groups of ≥ 2 same-architecture members, stacked (rebuilt when a member's tensors
+        changed); none unless ``vmap`` is on and every member is in eval mode."""
+        if not self.vmap or any(m.training for m in self.members.modules()):
+            return []
+        key = tuple((id(t), t._version) for m in self.members for t in (*m.parameters(), *m.buffers()))
+        if self._stacks is None or key != self._stack_key:
+            groups: dict[tuple[Any, ...], list[int]] = {}
+            for i, m in enumerate(self.members):
+                sig = (type(m), tuple((n, tuple(v.shape), v.dtype) for n, v in m.state_dict().items()))
+                groups.setdefault(sig, []).append(i)
+            self._stacks = [_Stack([self.members[i] for i in idx], idx) for idx in groups.values() if len(idx) > 1]
+            self._stack_key = key
+        return self._stacks
 
 
 def logits_and_features(model: nn.Module, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -251,6 +364,15 @@ def teacher_logits(teacher: nn.Module, x: Tensor, y: Tensor | None = None) -> Te
     if isinstance(teacher, EnsembleTeacher):
         return teacher(x, y)
     return teacher(x)
+
+
+def targets_of(teacher: nn.Module, x: Tensor, y: Tensor | None = None) -> Tensor:
+    """The teacher's logits as KD targets: computed under :func:`torch.inference_mode` (no
+    autograd bookkeeping at all), then copied out of it so that a loss may save them for its
+    backward pass."""
+    with torch.inference_mode():
+        out = teacher_logits(teacher, x, y)
+    return out.clone()
 
 
 # --------------------------------------------------------------------------- memory
@@ -645,15 +767,14 @@ class StudentUpdater:
         Replayed samples keep the targets stored with them when ``stored_targets`` is set
         (what the teacher of their time taught); otherwise the current teacher relabels them.
         """
-        with torch.no_grad():
-            new = Batch(x, self._teacher_on(teacher, x, y))
-            replay = self.memory.sample_with_targets(len(x)) if self.memory is not None else None
-            if replay is None:
-                return new, None
-            mx, my, mt = replay
-            if not self.stored_targets or mt is None:
-                mt = teacher_logits(teacher, mx, my)
-            return new, Batch(mx, mt)
+        new = Batch(x, self._teacher_on(teacher, x, y))
+        replay = self.memory.sample_with_targets(len(x)) if self.memory is not None else None
+        if replay is None:
+            return new, None
+        mx, my, mt = replay
+        if not self.stored_targets or mt is None:
+            mt = targets_of(teacher, mx, my)
+        return new, Batch(mx, mt)
 
     def _teacher_on(self, teacher: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
         """The teacher's logits on the fresh batch; computed once for a batch that is stepped on
@@ -664,7 +785,7 @@ class StudentUpdater:
         if (self.cache_teacher and not teacher.training and memo is not None and memo[0] is teacher and memo[1] is x
                 and memo[2] is y and memo[3] == versions):  # fmt: skip
             return memo[4]
-        out = teacher_logits(teacher, x, y)
+        out = targets_of(teacher, x, y)
         # the memo holds the objects themselves, so none of them can be freed and its id reused
         self._memo = (teacher, x, y, versions, out) if self.cache_teacher and not teacher.training else None
         return out

@@ -40,7 +40,7 @@ MANAGED_KWARGS = frozenset(
         "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
         "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
         "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "federation", "base_factory", "context",
-        "client_learning_rate", "train_loss_key",
+        "client_learning_rate", "train_loss_key", "noise_seed",
     }
 )  # fmt: skip
 
@@ -447,9 +447,29 @@ def build_strategy(cfg: Any, federation: Federation, context: ServerContext | No
         base = str(kwargs.get("base", "fedavg"))
         if not obj.trains_global_without_clients:
             _check_global_has_clients(federation, name)
-        return obj(federation=federation, base_factory=base_factory(cfg, base), context=context, **kwargs)
+        factory = base_factory(cfg, base)
+        _check_dp_models(base, federation, context)
+        return obj(federation=federation, base_factory=factory, context=context, **kwargs)
     _check_global_has_clients(federation, name)
-    return GroupedStrategy(federation, base_factory(cfg, name), context)
+    factory = base_factory(cfg, name)
+    _check_dp_models(name, federation, context)
+    return GroupedStrategy(federation, factory, context)
+
+
+def _check_dp_models(base: str, federation: Federation, context: ServerContext | None) -> None:
+    """Flower's DP clipping scales every array of an update: refuse models with integer ones."""
+    from strategies import STRATEGIES
+
+    if context is None or not getattr(STRATEGIES.get(base), "wraps_base", False):
+        return
+    for arch in federation.groups:
+        ints = [k for k, v in context.build(arch).state_dict().items() if not v.is_floating_point()]
+        if ints:
+            raise ConfigError(
+                f"strategy {base!r} clips whole updates, and Flower's clipping cannot scale the integer arrays of "
+                f"{arch!r} ({', '.join(ints[:2])}{', ...' if len(ints) > 2 else ''}: BatchNorm counters); "
+                "use architectures without BatchNorm"
+            )
 
 
 def _check_global_has_clients(federation: Federation, name: str) -> None:
@@ -475,6 +495,12 @@ STRATEGY_PARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_malicious_nodes": (lambda v: v >= 0, "≥ 0"),
     "num_nodes_to_select": (lambda v: v >= 1, "≥ 1"),
     "q": (lambda v: v >= 0, "≥ 0"),
+    "noise_multiplier": (lambda v: v >= 0, "≥ 0"),
+    "clipping_norm": (lambda v: v > 0, "> 0"),
+    "initial_clipping_norm": (lambda v: v > 0, "> 0"),
+    "target_clipped_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "clip_norm_lr": (lambda v: v > 0, "> 0"),
+    "clipped_count_stddev": (lambda v: v >= 0, "≥ 0 (0: Flower's default, sampled clients / 20)"),
 }
 
 #: Replies per round a robust aggregator needs, from its assumed number of malicious nodes f.
@@ -522,6 +548,8 @@ def base_factory(cfg: Any, name: str) -> BaseFactory:
     kwargs = cfg.plugin_kwargs("strategy", name)
     check_strategy_params(name, kwargs)
     fraction, eval_fraction = cfg.float("clients.fraction"), cfg.float("eval.fraction")
+    if getattr(cls, "wraps_base", False):  # a DP wrapper (strategies/dp.py) of the base it names
+        return _wrapper_factory(cfg, name, cls, kwargs, fraction)
 
     accepts = inspect.signature(cls).parameters
 
@@ -539,5 +567,33 @@ def base_factory(cfg: Any, name: str) -> BaseFactory:
             managed["train_loss_key"] = records.TRAIN_LOSS
         check_robust_params(name, kwargs, max(int(group_size * fraction), 1), group_size)
         return cls(**managed, **kwargs)
+
+    return make
+
+
+def _wrapper_factory(cfg: Any, name: str, cls: Any, kwargs: dict[str, Any], fraction: float) -> BaseFactory:
+    """Factory of a strategy that wraps the base named by its ``base`` keyword, per group."""
+    from fedkd.rules import RuleStrategy
+    from strategies import STRATEGIES
+
+    inner_name = str(kwargs["base"])
+    inner_cls = STRATEGIES.get(inner_name)
+    if getattr(inner_cls, "wraps_base", False):
+        raise ConfigError(f"strategy.{name}.base = {inner_name!r}: a DP wrapper cannot wrap another one")
+    if isinstance(inner_cls, type) and issubclass(inner_cls, RuleStrategy):
+        raise ConfigError(
+            f"strategy.{name}.base = {inner_name!r}: its clients send state besides their model "
+            f"({inner_cls.rule} rule), which Flower's DP clipping would clip as model weights; use a plain base "
+            "such as fedavg, fedprox or fedadam"
+        )
+    inner = base_factory(cfg, inner_name)
+    seed = cfg.int("seed")
+
+    def make(group_size: int) -> Strategy:
+        sampled = max(int(group_size * fraction), 1)
+        try:
+            return cls(inner(group_size), sampled, noise_seed=seed, **kwargs)  # type: ignore[no-any-return]
+        except ValueError as e:  # Flower's own checks (e.g. the adaptive noise split)
+            raise ConfigError(f"strategy {name!r} with {sampled} sampled clients per group round: {e}") from None
 
     return make

@@ -47,7 +47,7 @@ from fedkd.distill import (
     StudentUpdater,
     build_rule,
     kd_loss,
-    teacher_logits,
+    targets_of,
 )
 from fedkd.errors import ConfigError
 from fedkd.federation import BaseFactory, Federation, GroupedStrategy, ServerContext
@@ -65,6 +65,10 @@ from fedkd.synthesis import (
 log = logging.getLogger(__name__)
 
 RETENTION = {"none": "plain", "replay": "replay", "lra": "lra"}
+#: same-architecture ensemble members as one vmapped call: auto = on CUDA only (vmapped
+#: convolutions are 1.5-3x slower than a loop on CPU, benchmarks/RESULTS.md)
+ENSEMBLE_VMAP = ("auto", "on", "off")
+AUTOCAST = {"off": None, "bf16": torch.bfloat16}
 OPTIMIZERS = ("sgd", "adam")
 MEMORY_TARGETS = ("stored", "current")
 BatchSource = Callable[[], tuple[Tensor, Tensor | None]]
@@ -171,8 +175,12 @@ class ServerDistiller:
         latent_dim: int = 100,
         conditional: bool = False,
         gen_channels: int = 64,
+        ensemble_vmap: str = "auto",
+        autocast: str = "off",
     ) -> None:
         check_choice(f"{key}.retention", retention, RETENTION)
+        check_choice(f"{key}.ensemble-vmap", ensemble_vmap, ENSEMBLE_VMAP)
+        check_choice(f"{key}.autocast", autocast, AUTOCAST)
         check_choice(f"{key}.loss", loss, KD_LOSSES.names())
         check_choice(f"{key}.loss-reduction", loss_reduction, REDUCTIONS)
         check_choice(f"{key}.optimizer", optimizer, OPTIMIZERS)
@@ -217,6 +225,8 @@ class ServerDistiller:
         self.optimizer, self.student_lr, self.momentum = optimizer, student_lr, momentum
         self.weight_decay, self.lr_decay, self.persist_optimizer = weight_decay, lr_decay, persist_optimizer
         self.memory_push = memory_push
+        self.ensemble_vmap = ensemble_vmap == "on" or (ensemble_vmap == "auto" and torch.device(device).type == "cuda")
+        self.autocast = AUTOCAST[autocast]
         self._opt_states: dict[str, Any] = {}
         self._tick: Callable[[], None] = lambda: None  # progress inside a round (set by run)
         rule = build_rule(RETENTION[retention], order=lra_order, alpha=lra_alpha)
@@ -281,9 +291,7 @@ class ServerDistiller:
         y = torch.cat([v for v in labels if v is not None]) if all(v is not None for v in labels) else None
         idx = torch.randperm(len(x), generator=self._pick)[: self.memory_push].to(x.device)
         x, y = x[idx], None if y is None else y[idx]
-        with torch.no_grad():
-            targets = teacher_logits(teacher, x, y)
-        memory.push(x, y, targets, tag)
+        memory.push(x, y, targets_of(teacher, x, y), tag)
 
     def run(
         self,
@@ -307,6 +315,8 @@ class ServerDistiller:
         named = dict(students) if isinstance(students, Mapping) else {str(i): m for i, m in enumerate(students)}
         models = list(named.values())
         teacher.eval()
+        if isinstance(teacher, EnsembleTeacher):
+            teacher.set_speed(vmap=self.ensemble_vmap, autocast=self.autocast)
         decay = self.lr_decay ** (server_round - 1)
         opts = {n: self._student_optimizer(n, m, self.student_lr * decay) for n, m in named.items()}
         gen_lr = self.gen_lr * self.gen_lr_decay ** (server_round - 1)
