@@ -41,7 +41,15 @@ def _kill_all_using(*markers: str, timeout: float = 15.0) -> None:
 
 
 @pytest.mark.slow
-def test_flwr_run_local_superlink(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param("", id="fedavg"),
+        # stateful clients: each ClientApp process finds its SCAFFOLD control of the client's last round
+        pytest.param(' clients.fraction=0.5 strategy.name="scaffold"', id="scaffold-client-state"),
+    ],
+)
+def test_flwr_run_local_superlink(tmp_path, extra):
     home = tmp_path / "flwr-home"
     out = tmp_path / "run"
     env = {
@@ -52,7 +60,8 @@ def test_flwr_run_local_superlink(tmp_path):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
     run_config = (
-        f'rounds=2 clients.num=4 clients.architectures="mlp" clients.local-steps=10 partition.name="iid" out="{out}"'
+        f'rounds={3 if extra else 2} clients.num=4 clients.architectures="mlp" clients.local-steps=10 '
+        f'partition.name="iid" out="{out}"' + extra
     )
     flwr = Path(os.sys.executable).with_name("flwr")
     try:
@@ -65,9 +74,14 @@ def test_flwr_run_local_superlink(tmp_path):
         while not (out / "summary.json").exists() and time.monotonic() < deadline:
             time.sleep(1)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["rounds"] == 2 and summary["final_accuracy"] > 0.1
+        rounds = 3 if extra else 2
+        assert summary["rounds"] == rounds and summary["final_accuracy"] > 0.1
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [1, 2]
+        assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+        if extra:
+            from tests.test_client_rules import _check_state_from
+
+            _check_state_from(rows)
         assert "clients.architectures" not in (out / "config.toml").read_text()  # nested, not dotted
         assert 'architectures = "mlp"' in (out / "config.toml").read_text()
     finally:

@@ -143,15 +143,26 @@ def test_resume_bad_input(tmp_path, capsys, setup, extra, fragment):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-def test_kill_9_mid_round_then_resume(tmp_path):
+SCAFFOLD = [*BASE, "strategy.name=scaffold", "clients.fraction=0.5", "rounds=5", "clients.threads=1"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "engine"),
+    [
+        pytest.param([*KD, "rounds=5"], [], id="feddf-lra"),
+        # stateful clients: the SCAFFOLD controls on disk survive the kill; metrics equal => each came back
+        pytest.param(SCAFFOLD, [], id="scaffold-local"),
+        pytest.param(SCAFFOLD, ["--engine", "ray"], id="scaffold-ray", marks=pytest.mark.slow),
+    ],
+)
+def test_kill_9_mid_round_then_resume(tmp_path, sets, engine):
     """The issue's test: a real process killed with SIGKILL mid-run, resumed from the CLI."""
-    sets = [*KD, "rounds=5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     fedkd = [sys.executable, "-m", "fedkd.cli"]
     # the reference run is a subprocess too: same process-level settings (torch threads) as the cut one
-    ref = subprocess.run([*fedkd, *argv(full, sets)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run([*fedkd, *argv(full, sets), *engine], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = subprocess.Popen([*fedkd, *argv(cut, sets)], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*fedkd, *argv(cut, sets), *engine], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
@@ -169,6 +180,10 @@ def test_kill_9_mid_round_then_resume(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming" in res.stdout
     assert metrics(cut) == metrics(full)
+    if "strategy.name=scaffold" in sets:
+        rows = metrics(cut)
+        assert any(v > 0 for r in rows for v in r["state_from"].values())  # states did come from earlier rounds
+        assert not (cut / "client-state").exists()
 
 
 def test_the_accuracy_plot_title_names_strategy_dataset_and_partition():
