@@ -88,6 +88,8 @@ def round_printer(total: int) -> Callable[[dict[str, Any]], None]:
             f"train_loss {_num(row.get('train_loss'))}  up {_mb(row['bytes_up'])}  down {_mb(row['bytes_down'])}  "
             f"fail {row['failures']}"
             + (f" rej {row['rejected']}" if row.get("rejected") else "")
+            + (f"  clients {_num(row['client_accuracy_mean'])} (p10 {_num(row['client_accuracy_p10'])})"
+               if row.get("client_accuracy_mean") is not None else "")
             + f"  {row['seconds']:.1f}s{extra}",
             {"event": "round", "of": total, **row},
         )

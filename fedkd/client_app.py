@@ -26,7 +26,7 @@ from fedkd.batched import Client, train_one
 from fedkd.client_state import ClientState, store_for
 from fedkd.config import Config
 from fedkd.data import label_counts, load_dataset, partition
-from fedkd.data.partition import is_lazy, partition_of
+from fedkd.data.partition import holdout, is_lazy, partition_of
 from fedkd.errors import UserError
 from fedkd.federation import parse_architectures
 from fedkd.models import FedkdModel, build_model
@@ -104,7 +104,26 @@ def client_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor,
         parts, all_counts = _partitions(*key)
         idx, counts = parts[pid], all_counts[pid].tolist()
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    if cfg.float("partition.test-fraction") > 0:  # train on the rest of the client's own split
+        train, _ = holdout(idx.numpy(), cfg.float("partition.test-fraction"), cfg.int("seed"), pid)
+        idx = torch.as_tensor(train)
+        counts = torch.bincount(ds.y_train[idx], minlength=ds.num_classes).tolist()
     return ds.x_train[idx], ds.y_train[idx], counts
+
+
+def client_test_split(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x, y)`` of client ``pid``'s own test split (``partition.test-fraction``), or None."""
+    fraction = cfg.float("partition.test-fraction")
+    if fraction <= 0:
+        return None
+    method = cfg.str("partition.name")
+    kwargs = tuple(sorted(cfg.plugin_kwargs("partition", method).items()))
+    key = (cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"), method, kwargs,
+           cfg.int("clients.num"), cfg.int("seed"))  # fmt: skip
+    idx = _lazy_partition(*key, pid)[0] if is_lazy(method) else _partitions(*key)[0][pid]
+    _, test = holdout(idx.numpy(), fraction, cfg.int("seed"), pid)
+    ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    return ds.x_train[test], ds.y_train[test]
 
 
 def partition_id(context: Context) -> int:
@@ -304,9 +323,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Federated evaluation of the received weights on this client's local data."""
+    """Federated evaluation of the received weights on this client's own test split
+    (``partition.test-fraction``), or on its local training data when it has none."""
     cfg, pid = _setup(msg, context)
-    x, y, _ = client_partition(cfg, pid)
+    split = client_test_split(cfg, pid)
+    x, y = split if split is not None else client_partition(cfg, pid)[:2]
     model = client_model(cfg, pid)
     records.load_record(model, msg.content.array_records[records.ARRAYS])
     loss, acc = evaluate(model, x, y, cfg.int("eval.batch-size"), client_device(cfg, context.node_config))

@@ -36,6 +36,9 @@ COLUMNS = [
     ("last5_accuracy", "last-5 mean"),
     ("mean_accuracy", "μ over rounds"),
     ("var_accuracy", "σ² over rounds"),
+    # per-client accuracy (federated evaluation on each client's own test split), last round,
+    # mean over clients; shown only when some run has it
+    ("final_client_accuracy", "client acc (final)"),
     ("wall_seconds", "wall s"),
     ("bytes_up", "MB up"),
     ("bytes_down", "MB down"),
@@ -75,9 +78,19 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
+OPTIONAL_COLUMNS = frozenset({"final_client_accuracy"})
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """COLUMNS without the optional ones that no row has."""
+    return [(k, label) for k, label in COLUMNS
+            if k not in OPTIONAL_COLUMNS or any(not math.isnan(r.get(k, math.nan)) for r in rows)]  # fmt: skip
+
+
 def to_markdown(rows: list[dict[str, Any]], command: str) -> str:
-    head = "| sim | seeds | " + " | ".join(label for _, label in COLUMNS) + " |"
-    sep = "|---|---|" + "---|" * len(COLUMNS)
+    columns = _columns(rows)
+    head = "| sim | seeds | " + " | ".join(label for _, label in columns) + " |"
+    sep = "|---|---|" + "---|" * len(columns)
     lines = [
         f"Command: `{command}`",
         "",
@@ -89,11 +102,11 @@ def to_markdown(rows: list[dict[str, Any]], command: str) -> str:
     ]
     for r in rows:
         if r["seeds"] == 1:  # no spread to show: a zero std would read as "no variation"
-            cells = [f"{r[k]:.2f}" if k != "wall_seconds" else f"{r[k]:.1f}" for k, _ in COLUMNS]
+            cells = [f"{r[k]:.2f}" if k != "wall_seconds" else f"{r[k]:.1f}" for k, _ in columns]
         else:
             cells = [
                 f"{r[k]:.2f} ± {r[k + '_std']:.2f}" if k != "wall_seconds" else f"{r[k]:.1f} ± {r[k + '_std']:.1f}"
-                for k, _ in COLUMNS
+                for k, _ in columns
             ]
         lines.append(f"| {r['sim']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -101,7 +114,7 @@ def to_markdown(rows: list[dict[str, Any]], command: str) -> str:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    fields = ["sim", "seeds"] + [x for k, _ in COLUMNS for x in (k, f"{k}_std")]
+    fields = ["sim", "seeds"] + [x for k, _ in _columns(rows) for x in (k, f"{k}_std")]
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)

@@ -66,6 +66,10 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("dataset.root", "", "Local folder for torchvision-backed datasets."),
     Key("dataset.download", False, "Let torchvision download into dataset.root (needs a network)."),
     Key("partition.name", "dirichlet", "Registered partitioner; its parameters are partition.<name>.<param>."),
+    Key("partition.test-fraction", 0.0, "Fraction of each client's partition held out as its own test split "
+        "(0: none). Clients train on the rest; federated evaluation (eval.fraction) then scores the received "
+        "model on each client's test split (per-client accuracy in metrics.jsonl).",
+        check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),  # fmt: skip
     Key("clients.num", 10, "Number of clients (SuperNodes).", check=_pos, requirement="≥ 1"),
     Key("clients.fraction", 1.0, "Fraction of each architecture group's clients sampled per round.",
         check=lambda v: 0 < v <= 1, requirement="in (0, 1]"),  # fmt: skip

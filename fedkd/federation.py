@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -418,12 +419,36 @@ class GroupedStrategy(Strategy):
         return self._fan_out("configure_evaluate", server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._record_client_accuracy(replies)
         parts = []
         for arch, msgs in self._by_group(replies).items():
             if arch in self.delegates:
                 m = self.delegates[arch].aggregate_evaluate(server_round, msgs)
                 parts.append((m, self._examples(msgs)))
         return self._merge_metrics(parts)  # type: ignore[arg-type]
+
+    def _record_client_accuracy(self, replies: list[Message]) -> None:
+        """Federated evaluation's per-client accuracies (on each client's own test split with
+        ``partition.test-fraction``) into the round's row: by partition id, and their mean,
+        std, minimum and 10th percentile over clients (unweighted: every client counts once)."""
+        accs: dict[str, float] = {}
+        for msg in replies:
+            if msg.has_error():
+                continue
+            m = msg.content.metric_records.get(records.METRICS)
+            acc = m.get("local-accuracy") if m is not None else None
+            if isinstance(acc, int | float) and math.isfinite(acc):
+                pid = self.federation.node_partition.get(msg.metadata.src_node_id, -1)
+                accs[str(pid)] = float(acc)
+        if not accs:
+            return
+        a = np.array(list(accs.values()))
+        self.round_metrics["client_accuracy"] = dict(sorted(accs.items(), key=lambda kv: int(kv[0])))
+        self.round_metrics["client_accuracy_mean"] = float(a.mean())
+        self.round_metrics["client_accuracy_std"] = float(a.std())
+        self.round_metrics["client_accuracy_min"] = float(a.min())
+        self.round_metrics["client_accuracy_p10"] = float(np.percentile(a, 10))
 
     def summary(self) -> None:
         for arch, base in self.delegates.items():

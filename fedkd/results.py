@@ -104,6 +104,19 @@ def last_mean(accuracies: Sequence[float], k: int = 5) -> float | None:
     return float(np.mean(accuracies[-k:]))
 
 
+def _final_client_accuracy(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The per-client accuracy of the last round that has one: mean, std and 10th percentile
+    over clients (federated evaluation; empty without it)."""
+    for r in reversed(rows):
+        if r.get("client_accuracy_mean") is not None:
+            return {
+                "final_client_accuracy": r["client_accuracy_mean"],
+                "final_client_accuracy_std": r.get("client_accuracy_std"),
+                "final_client_accuracy_p10": r.get("client_accuracy_p10"),
+            }
+    return {}
+
+
 class RunRecorder:
     """Append per-round rows and write the summary; ``run_dir=None`` records in memory only."""
 
@@ -173,6 +186,7 @@ class RunRecorder:
             "bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
             "failures": sum(r.get("failures", 0) for r in self.rows),
+            **_final_client_accuracy(self.rows),
             **extra,
         }
         summary = _clean(summary)
@@ -276,6 +290,13 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -
         for g in groups:
             ax.plot(rounds, [(r.get("group_accuracy") or {}).get(g) for r in rows], lw=2.2, alpha=0.75, label=f"group {g}")
     ax.plot(rounds, [r.get("accuracy") for r in rows], "k--", marker="o", ms=3, lw=1.3, label="global model", zorder=5)
+    client = [(r["round"], r) for r in rows if r.get("client_accuracy_mean") is not None]
+    if client:  # federated evaluation: mean over clients, the band from the 10th percentile to the best client
+        xs = [x for x, _ in client]
+        ax.fill_between(xs, [r["client_accuracy_p10"] for _, r in client],
+                        [max(r["client_accuracy"].values()) for _, r in client], color="tab:green", alpha=0.15,
+                        label="clients: 10th pct – best")  # fmt: skip
+        ax.plot(xs, [r["client_accuracy_mean"] for _, r in client], color="tab:green", lw=1.6, label="clients: mean")
     ax.set_xlabel("round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("test accuracy")

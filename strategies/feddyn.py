@@ -4,12 +4,16 @@ Each client minimizes ``L_i(θ) − ⟨g_i, θ⟩ + (α/2) ||θ − x||²`` and 
 ``g_i ← g_i − α (θ_i − x)`` (:class:`fedkd.train.FedDynRule`, state kept between its rounds).
 The server keeps ``h`` (zero at first): ``h ← h − α (1/N) Σ_{i∈P} (θ_i − x)`` over the N
 clients of the group, and the new model is ``(1/|P|) Σ_{i∈P} θ_i − h / α``. The official
-code (github.com/alpacar/FedDyn, ``utils_methods.py``, ``train_FedDyn``) does the same with
+code (github.com/alpemreacar/FedDyn, ``utils_methods.py``, ``train_FedDyn``) does the same with
 the average uniform over the round's clients; here BatchNorm's running statistics are
 averaged as FedAvg does (by examples) and ``h`` acts on parameters only.
 
-Deviation: the official code divides α by each client's relative data size
-(``alpha_coef / weight_list[clnt]``); fedkd uses one α for every client.
+Deviations: the official code divides α by each client's relative data size
+(``alpha_coef / weight_list[clnt]``); fedkd uses one α for every client. The official local
+training clips gradients at norm 10; fedkd's does not (no local rule clips). fedkd evaluates
+the model it sends (the cloud model ``mean θ − h/α``); the official code reports the plain
+averages of the round's (``tst_perf_sel``) and of all clients' latest models
+(``tst_perf_all``). Audit and recipe: ``sims/papers/mnist5k-feddyn-dir0.1.toml``.
 """
 
 from __future__ import annotations

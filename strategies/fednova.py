@@ -7,7 +7,11 @@ the server averages normalized updates, ``d_i = (x − θ_i) / a_i``, with weigh
 ``p_i = n_i / Σ n`` and takes ``x ← x − τ_eff Σ p_i d_i``, ``τ_eff = Σ p_i a_i``
 (the official code, github.com/JYWa/FedNova, ``distoptim/FedNova.py``, without its global
 momentum). With ``clients.local-steps`` every ``τ_i`` is equal and FedNova is FedAvg.
-BatchNorm's running statistics are averaged as FedAvg does.
+BatchNorm's running statistics are averaged as FedAvg does (the official driver averages
+parameters only and keeps buffers local). ``p_i`` and ``τ_eff`` are over the round's
+replies (the official code has full participation; Flower's niid_bench does the same). The
+FedNova + proximal variant (``a_i = [1 − (1 − ημ)^τ] / (ημ)``) is not implemented. Audit and
+recipe: ``sims/papers/mnist5k-fednova-dir0.1.toml``.
 """
 
 from __future__ import annotations

@@ -6,10 +6,16 @@ previous round's model (:class:`fedkd.train.MoonRule`, the previous model kept b
 client's rounds, :mod:`fedkd.client_state`).
 
 Deviations from the official code (github.com/QinbinLi/MOON, ``main.py``,
-``train_net_fedcon``): the representation is the model's feature layer (``features``,
-``model.feature-dim``), not an extra projection head (PFLlib does the same); one previous
-model (the official buffer size is 1 too); the reference models run in eval mode; a
-client's first round, which has no previous model, trains without the term.
+``train_net_fedcon``; ``model.py``): the representation is the model's feature layer
+(``features``, ``model.feature-dim``), not an extra projection head: the official
+``--use_project_head 0`` (PFLlib does the same). A client's first round, which has no
+previous model, trains without the term: the official code's round 1 does too (its pool is
+empty), but with partial participation its later first-timers use their random-init net as
+the negative. The official optimizer hard-codes momentum 0.9 and weight decay 1e-5; here
+they are ``clients.momentum`` / ``clients.weight-decay`` (default 0). The last partial batch
+is kept (the official drops it). As in the official code: one previous model (buffer size
+1), the global and previous models frozen in eval mode, μ = 1 and τ = 0.5 by default.
+Audit and recipe: ``sims/papers/mnist5k-moon-dir0.1.toml``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ of the group.
 Deviation: the average of the clients' models is FedAvg's, weighted by examples (the paper's
 is uniform), so that SCAFFOLD differs from the FedAvg it is compared with only by its
 control variates. The control variates double what travels each way; the byte counters
-count it.
+count it. The correction is added to the gradient before the optimizer step, so with
+``clients.momentum > 0`` it goes through the momentum buffer (Flower's niid_bench adds it
+after; identical at momentum 0); ``c`` is updated uniformly, as in the paper (niid_bench and
+the FedDyn authors' baseline weight it by examples); no gradient clipping (the FedDyn
+authors' baseline clips at 10). Recipe and audit: ``sims/papers/mnist5k-scaffold-dir0.1.toml``.
 """
 
 from __future__ import annotations

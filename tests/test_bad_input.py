@@ -85,6 +85,8 @@ ROWS = [
     pytest.param([*RUN, "--set", "clients.fraction=1.5", *NEW], "clients.fraction must be in (0, 1], got 1.5", id="range-fraction-above-1"),
     pytest.param([*RUN, "--set", "clients.fraction=0", *NEW], "clients.fraction must be in (0, 1], got 0.0", id="range-fraction-zero"),
     pytest.param([*RUN, "--set", "eval.fraction=-0.5", *NEW], "eval.fraction must be in [0, 1]", id="range-eval-fraction"),
+    pytest.param([*RUN, "--set", "partition.test-fraction=1", *NEW], "partition.test-fraction must be in [0, 1)",
+                 id="range-test-fraction"),
     pytest.param([*RUN, "--set", "model.feature-dim=-1", *NEW], "model.feature-dim must be ≥ 0, got -1", id="range-feature-dim"),
     pytest.param([*RUN, "--set", "clients.num=5000", *NEW], "more clients (5000) than training samples (4000)",
                  id="range-more-clients-than-samples"),

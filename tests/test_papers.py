@@ -18,6 +18,10 @@ SHRINK = {
     "fedgen": ["strategy.fedgen.gen-steps=2"],
     "feddf": ["strategy.feddf.gen-steps=2", "strategy.feddf.student-steps=2"],
     "dense": ["strategy.dense.iterations=2", "clients.local-epochs=1"],
+    "scaffold": [],
+    "feddyn": [],
+    "moon": [],
+    "fednova": [],
 }
 
 

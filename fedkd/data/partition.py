@@ -266,6 +266,22 @@ def partition_of(
     return np.sort(idx.astype(np.int64))
 
 
+def holdout(idx: np.ndarray, fraction: float, seed: int, pid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Client ``pid``'s indices split into ``(train, test)``: a random ``fraction`` (rounded, at
+    least 1 when ``fraction > 0`` and the client has 2 or more samples, never all) held out.
+
+    The split depends on ``(seed, pid)`` only, so every engine and every process draws the
+    same one; both parts are sorted.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    n = len(idx)
+    k = 0 if fraction <= 0 or n < 2 else min(max(int(round(fraction * n)), 1), n - 1)
+    if k == 0:
+        return idx, idx[:0]
+    perm = np.random.default_rng(np.random.SeedSequence([seed, pid, 0x7E57])).permutation(n)
+    return np.sort(idx[perm[k:]]), np.sort(idx[perm[:k]])
+
+
 def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
     """``(num_partitions, num_classes)`` matrix of per-client label counts."""
     labels = np.asarray(labels)
