@@ -35,6 +35,7 @@ from fedkd.train import (
     FedGenRegularizer,
     LocalRule,
     LocalTrainConfig,
+    PersonalRule,
     derive_seed,
     evaluate,
     resolve_device,
@@ -330,6 +331,12 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     x, y = split if split is not None else client_partition(cfg, pid)[:2]
     model = client_model(cfg, pid)
     records.load_record(model, msg.content.array_records[records.ARRAYS])
+    conf = msg.content.config_records[records.CONFIG]
+    rule = LOCAL_RULES.get(str(conf[records.RULE])) if conf.get(records.RULE) else None
+    if rule is not None and issubclass(rule, PersonalRule):  # the client's own parts (FedBN, FedPer, FedRep)
+        store = store_for(context, str(conf.get(records.STATE_DIR, "") or ""), pid,
+                          cfg.int("checkpoint.every"), cfg.int("checkpoint.keep"))  # fmt: skip
+        rule.personalize(model, store.load(int(conf.get("server-round", 0)) + 1)[1])  # type: ignore[arg-type]
     loss, acc = evaluate(model, x, y, cfg.int("eval.batch-size"), client_device(cfg, context.node_config))
     metrics = MetricRecord({records.NUM_EXAMPLES: len(x), "local-loss": loss, "local-accuracy": acc})
     return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)

@@ -96,6 +96,12 @@ class RuleStrategy(FedAvg):
                 m.content[records.RULE_ARRAYS] = extra
         return msgs
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config[records.RULE] = self.rule  # a personalizing rule's clients evaluate with their own parts
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -257,15 +257,16 @@ def run_federation(
 
     run_cfg = records.run_config_record(cfg.to_toml())
     train_cfg = ConfigRecord(dict(run_cfg))
+    eval_cfg = ConfigRecord(dict(run_cfg))
     if run_dir is not None:  # where clients of stateful rules keep their state (fedkd.client_state)
-        train_cfg[records.STATE_DIR] = str((run_dir / client_state.DIRNAME).resolve())
+        train_cfg[records.STATE_DIR] = eval_cfg[records.STATE_DIR] = str((run_dir / client_state.DIRNAME).resolve())
     _Continued(strategy, offset).start(
         grid=metered,
         initial_arrays=initial,
         num_rounds=rounds - offset,
         timeout=cfg.float("round-timeout"),
         train_config=train_cfg,
-        evaluate_config=ConfigRecord(dict(run_cfg)),
+        evaluate_config=eval_cfg,
         evaluate_fn=evaluate_fn,
     )
     summary = recorder.finish(

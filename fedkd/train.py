@@ -420,3 +420,85 @@ class FedNovaRule(LocalRule):
 
     def end(self, model: nn.Module, steps: int) -> None:
         self.metrics = {"fednova-steps": float(steps), "fednova-a": nova_normalizer(steps, self.cfg.momentum)}
+
+
+class PersonalRule(LocalRule):
+    """A client that keeps its own copy of part of the model between its rounds.
+
+    :meth:`local_names` says which state-dict entries are the client's own. At construction
+    they replace the received ones (once the client has a saved copy: its first round uses
+    the server's); :meth:`end` saves them. Federated evaluation applies the same copy
+    (:meth:`personalize`), so per-client accuracy is the personalized model's. The reply
+    still carries the whole model (the server's average of the local parts is never used by
+    a client; the byte counters count it).
+    """
+
+    stateful = True
+
+    @classmethod
+    def local_names(cls, model: nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    @classmethod
+    def personalize(cls, model: nn.Module, state: State | None) -> None:
+        """Load the client's own entries of ``state`` into ``model``."""
+        if not state:
+            return
+        own = model.state_dict()
+        with torch.no_grad():
+            for name in cls.local_names(model):
+                if name in state:
+                    own[name].copy_(state[name].to(own[name]))
+
+    def __init__(self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None) -> None:
+        super().__init__(model, cfg, server, state)
+        self.personalize(model, state)
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        own = model.state_dict()
+        self.state = {n: own[n].detach().clone() for n in self.local_names(model)}
+
+
+@LOCAL_RULES.register("fedbn")
+class FedBNRule(PersonalRule):
+    """FedBN's client (Li et al., ICLR 2021): its BatchNorm layers (affine parameters and running
+    statistics) stay local; everything else is FedAvg's."""
+
+    @classmethod
+    def local_names(cls, model: nn.Module) -> list[str]:
+        return [f"{m}.{k}" if m else k for m, mod in model.named_modules()
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm) for k in mod.state_dict()]  # fmt: skip
+
+
+@LOCAL_RULES.register("fedper")
+class FedPerRule(PersonalRule):
+    """FedPer's client (Arivazhagan et al., 2019): the classifier head stays local, the rest
+    (the base) is averaged; the whole model trains together."""
+
+    @classmethod
+    def local_names(cls, model: nn.Module) -> list[str]:
+        return [n for n in model.state_dict() if n.startswith("classifier.")]
+
+
+@LOCAL_RULES.register("fedrep")
+class FedRepRule(FedPerRule):
+    """FedRep's client (Collins et al., ICML 2021): the head stays local; the first ``head_steps``
+    optimizer steps train only the head, the rest only the representation (the official
+    ``LocalUpdate``: ``local_ep − local_rep_ep`` head epochs, then ``local_rep_ep`` body epochs).
+    The frozen part's gradients are dropped (``grad = None``), so momentum and weight decay do
+    not move it either."""
+
+    def __init__(
+        self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None, head_steps: int = 10
+    ) -> None:
+        super().__init__(model, cfg, server, state)
+        self.head_steps = int(head_steps)
+        self.step = 0
+        self.head = set(self.local_names(model))
+
+    def correct(self, model: nn.Module) -> None:
+        head_phase = self.step < self.head_steps
+        for name, p in model.named_parameters():
+            if (name in self.head) != head_phase:
+                p.grad = None
+        self.step += 1

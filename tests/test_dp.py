@@ -107,7 +107,7 @@ def test_the_adaptive_norm_moves_toward_its_quantile_and_is_checkpointed(reply, 
     assert fresh.clipping_norm == pytest.approx(s.clipping_norm)
 
 
-def test_fedkds_client_clips_its_update_as_flowers_mod_would(tmp_path):
+def test_fedkds_client_clips_its_update_as_flowers_mod_would(tmp_path, task_identity):
     """Clipping in the ClientApp's finish step: the sent weights move at most ``clipping_norm``."""
     from flwr.app import Context, Message
 
