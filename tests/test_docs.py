@@ -20,6 +20,7 @@ def test_every_included_file_is_shown_verbatim():
         "tests/plugin_pkg/pyproject.toml",
         "tests/plugin_pkg/fedkd_example_plugin/feddf_dafl.py",
         "tests/plugin_pkg/fedkd_example_plugin/ensemble_kd.py",
+        "tests/plugin_pkg/fedkd_example_plugin/stateful.py",
     }
     for path, body in found.items():
         assert body == (REPO / path).read_text(encoding="utf-8").rstrip(), f"{path} changed; update the docs"

@@ -103,3 +103,21 @@ def test_the_new_kd_strategy_runs_checkpoints_and_resumes(plugin_path, tmp_path)
     assert strip(_rows(cut)) == strip(_rows(full)), "the generator's state came back from the checkpoint"
     bad = fedkd(plugin_path, "run", *sets, "--set", "strategy.ensemble-kd.steps=-1", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "strategy.ensemble-kd.steps must be ≥ 0" in bad.stderr
+
+
+def test_the_stateful_plugin_keeps_each_clients_state_between_its_rounds(plugin_path, tmp_path):
+    base = [*TINY, "rounds=3", "clients.fraction=0.5", "strategy.name=fedavg-prev-prox"]
+    out = tmp_path / "prox"
+    proc = fedkd(plugin_path, "run", *[a for s in base for a in ("--set", s)], "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from tests.test_client_rules import _check_state_from
+
+    _check_state_from(_rows(out))  # each sampled client's state is from the last round it was sampled in
+    # mu = 0: the term is off, and the run is FedAvg's bit for bit; mu > 0 changes it
+    runs = {}
+    for name, extra in (("mu0", ["strategy.fedavg-prev-prox.mu=0"]), ("fedavg", ["strategy.name=fedavg"])):
+        d = tmp_path / name
+        sets = [a for s in [*base, *extra] for a in ("--set", s)]
+        assert fedkd(plugin_path, "run", *sets, "--out", str(d)).returncode == 0
+        runs[name] = [r["accuracy"] for r in _rows(d)]
+    assert runs["mu0"] == runs["fedavg"] != [r["accuracy"] for r in _rows(out)]
