@@ -502,3 +502,13 @@ class FedRepRule(FedPerRule):
             if (name in self.head) != head_phase:
                 p.grad = None
         self.step += 1
+
+
+@LOCAL_RULES.register("lgfedavg")
+class LGFedAvgRule(PersonalRule):
+    """LG-FedAvg's client (Liang et al., 2020, "Think locally, act globally"): everything but the
+    classifier head (the local representation) stays local; the head is the global part."""
+
+    @classmethod
+    def local_names(cls, model: nn.Module) -> list[str]:
+        return [n for n in model.state_dict() if not n.startswith("classifier.")]

@@ -159,6 +159,8 @@ ROWS = [
                  "unknown strategy 'nope'", id="dp-base-unknown"),
     pytest.param([*RUN, *_sets("strategy.name=dp-server-fixed", "clients.architectures=resnet8"), *NEW],
                  "Flower's clipping cannot scale the integer arrays of 'resnet8'", id="dp-batchnorm-model"),
+    pytest.param([*RUN, *_sets("strategy.name=lgfedavg", "clients.architectures=mlp:2,lenet5:2"), *NEW],
+                 "their heads differ (mlp 64→10, lenet5 84→10); set model.feature-dim", id="lgfedavg-heads"),
     pytest.param([*RUN, *_sets("strategy.name=fedrep", "strategy.fedrep.head-steps=-1"), *NEW],
                  "strategy.fedrep.head-steps must be ≥ 0", id="fedrep-head-steps"),
     pytest.param([*RUN, "--set", "strategy.name=feddyn", "--set", "strategy.feddyn.alpha=0", *NEW],

@@ -1,0 +1,94 @@
+"""LG-FedAvg: local representations, one global head shared by every architecture
+(Liang et al., 2020, "Think Locally, Act Globally"; HtFLlib's heterogeneous-model version).
+
+Each client keeps its representation (everything but ``classifier``) between its rounds
+(:class:`fedkd.train.LGFedAvgRule`) and uses it for training and federated evaluation; the
+server averages the classifier heads of all clients, across architecture groups, weighted
+by examples, and sends that one head to everyone. Architectures may differ: only the heads
+(``feature_dim × classes``) must match, so set ``model.feature-dim``. Within a group the
+base strategy (``base``, default FedAvg) aggregates as usual first; the group's averaged
+representation is what a client starts from before it has its own, and what the server's
+global-model accuracy uses (judge LG-FedAvg by per-client accuracy:
+``partition.test-fraction`` with ``eval.fraction = 1``).
+
+Official code: github.com/pliang279/LG-FedAvg (``main_lg.py``: ``w_glob_keys``, the global
+layers, averaged; the rest local). HtFLlib (``serverlg.py`` / ``clientlg.py``) shares the
+head across heterogeneous models as here.
+
+Deviations: every reply and every message carries the whole model (the papers send only the
+global head; the byte counters count what is sent here, so LG-FedAvg's saving of traffic is
+not shown); the first round starts every client from the group's initial representation
+(the official code pre-trains with FedAvg for some rounds first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedkd import records
+from fedkd.errors import ConfigError
+from fedkd.federation import GroupedStrategy
+from fedkd.rules import RuleStrategy
+from strategies import STRATEGIES
+
+HEAD = "classifier."
+
+
+@STRATEGIES.register("lgfedavg")
+class LGFedAvg(GroupedStrategy):
+    """Local representations, a global classifier head averaged over every group."""
+
+    def __init__(self, *args: Any, base: str = "fedavg", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if any(isinstance(d, RuleStrategy) for d in self.delegates.values()):
+            raise ConfigError(f"strategy.lgfedavg.base = {base!r} runs its own local rule; use a plain base")
+        if self.context is not None:
+            shapes = {a: tuple(self.context.build(a).classifier.weight.shape) for a in self.federation.groups}
+            if len(set(shapes.values())) > 1:
+                raise ConfigError(
+                    "lgfedavg shares one classifier head across architectures, but their heads differ "
+                    f"({', '.join(f'{a} {s[1]}→{s[0]}' for a, s in shapes.items())}); set model.feature-dim"
+                )
+
+    def _with_rule(self, config: ConfigRecord) -> ConfigRecord:
+        config = ConfigRecord(dict(config))
+        config[records.RULE] = "lgfedavg"
+        return config
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_train(server_round, arrays, self._with_rule(config), grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round, arrays, self._with_rule(config), grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        state, metrics = super().aggregate_train(server_round, replies)
+        if state is None or not self.accepted:
+            return state, metrics
+        total: dict[str, np.ndarray] = {}
+        weight = 0.0
+        for msg in self.accepted:  # every client's head, weighted by its examples, whatever its architecture
+            n = float(msg.content.metric_records[records.METRICS][records.NUM_EXAMPLES])  # type: ignore[arg-type]
+            for k, v in msg.content.array_records[records.ARRAYS].items():
+                if k.startswith(HEAD):
+                    total[k] = total.get(k, 0.0) + n * v.numpy().astype(np.float64)
+            weight += n
+        head = {k: v / weight for k, v in total.items()}
+        groups = {}
+        for arch in self.federation.groups:
+            sub = records.unpack(state, arch)
+            groups[arch] = ArrayRecord(
+                {k: Array(head[k].astype(v.numpy().dtype)) if k in head else v for k, v in sub.items()}
+            )
+        return records.pack(groups), metrics
