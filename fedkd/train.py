@@ -512,3 +512,48 @@ class LGFedAvgRule(PersonalRule):
     @classmethod
     def local_names(cls, model: nn.Module) -> list[str]:
         return [n for n in model.state_dict() if not n.startswith("classifier.")]
+
+
+@LOCAL_RULES.register("fd")
+class FDRule(PersonalRule):
+    """Federated distillation's client (FD / FedDistill: Jeong et al., 2018; PFLlib's
+    ``clientdistill.py``): the whole model stays local; every step adds
+    ``λ · MSE(z', z)``, ``z'`` the batch's logits with each row whose label has a global
+    logit replaced by it (a mean over batch × classes, as PFLlib's ``nn.MSELoss``); the logits
+    of every training sample are summed per class and their means sent (``logits``, with
+    ``counts``) for the server's per-class average."""
+
+    def __init__(
+        self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None, lamda: float = 1.0
+    ) -> None:
+        super().__init__(model, cfg, server, state)
+        self.lamda = float(lamda)
+        self.global_logits = server.get("logits")
+        self.has = server["has"].bool() if "has" in server else None
+        self.sums: Tensor | None = None
+        self.counts: Tensor | None = None
+
+    @classmethod
+    def local_names(cls, model: nn.Module) -> list[str]:
+        return list(model.state_dict())
+
+    def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
+        c = logits.shape[1]
+        if self.sums is None:
+            self.sums = torch.zeros(c, c, dtype=torch.float64, device=logits.device)
+            self.counts = torch.zeros(c, dtype=torch.float64, device=logits.device)
+        assert self.counts is not None
+        self.sums.index_add_(0, y, logits.detach().double())
+        self.counts += torch.bincount(y, minlength=c).double()
+        if self.global_logits is None or self.has is None or self.lamda == 0:
+            return None
+        target = logits.detach().clone()
+        rows = self.has.to(y.device)[y]
+        target[rows] = self.global_logits.to(target)[y[rows]]
+        return self.lamda * F.mse_loss(logits, target)
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        super().end(model, steps)
+        if self.sums is not None and self.counts is not None:
+            means = self.sums / self.counts.clamp(min=1).unsqueeze(1)
+            self.arrays = {"logits": means.float(), "counts": self.counts.float()}

@@ -1,0 +1,116 @@
+"""FD / FedDistill: federated distillation of per-class logits, for heterogeneous models
+(Jeong et al., 2018, "Communication-Efficient On-Device Machine Learning: Federated
+Distillation and Augmentation under Non-IID Private Data"; PFLlib / HtFLlib ``FedDistill``).
+
+No model is averaged: every client keeps its own model between its rounds
+(:class:`fedkd.train.FDRule`) and uses it for training and federated evaluation. Each round
+a client sends the mean of its logits per class (over its training samples, as it trained);
+the server averages them per class over the clients that have the class (uniformly, as
+PFLlib's ``logit_aggregation``) and sends the global logits to the next round's clients,
+which add ``λ · MSE`` toward the global logit of each sample's label. Architectures may
+differ freely: only ``C × C`` logits are shared. Judge it by per-client accuracy
+(``partition.test-fraction`` with ``eval.fraction = 1``); the server's global-model accuracy
+is the per-group average of models no client uses.
+
+Official code read: github.com/TsingZ0/PFLlib ``system/flcore/clients/clientdistill.py`` and
+``servers/serverdistill.py`` (λ = ``--lamda`` default 1.0, ``nn.MSELoss()`` mean reduction,
+logits collected during training, classes averaged over the clients that have them).
+
+Deviations: every message and reply still carries the client's whole model besides the
+logits (fedkd's engines and validation expect a model; FD sends only the ``C × C`` logits),
+so the byte counters overstate FD's traffic; the model a client starts from in its first
+round is the group's initial one (as in PFLlib, where every client starts from the same
+initialization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedkd import records
+from fedkd.errors import ConfigError
+from fedkd.federation import GroupedStrategy
+from fedkd.rules import RuleStrategy
+from strategies import STRATEGIES
+
+
+@STRATEGIES.register("fd")
+class FD(GroupedStrategy):
+    """Federated distillation: per-class logits shared, models local; ``lamda`` weighs the KD term."""
+
+    def __init__(self, *args: Any, base: str = "fedavg", lamda: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if any(isinstance(d, RuleStrategy) for d in self.delegates.values()):
+            raise ConfigError(f"strategy.fd.base = {base!r} runs its own local rule; use a plain base")
+        if not lamda >= 0:
+            raise ConfigError(f"strategy.fd.lamda must be ≥ 0, got {lamda!r}")
+        self.lamda = float(lamda)
+        #: The global per-class logits (``logits``: C × C, ``has``: which classes have one).
+        self.global_logits = ArrayRecord()
+
+    def _with_rule(self, config: ConfigRecord) -> ConfigRecord:
+        config = ConfigRecord(dict(config))
+        config[records.RULE] = "fd"
+        config[f"{records.RULE}.lamda"] = self.lamda
+        return config
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        msgs = list(super().configure_train(server_round, arrays, self._with_rule(config), grid))
+        if len(self.global_logits):
+            for m in msgs:
+                m.content[records.RULE_ARRAYS] = self.global_logits
+        return msgs
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round, arrays, self._with_rule(config), grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        sums: np.ndarray | None = None
+        clients: np.ndarray | None = None
+        for msg in replies:  # before the per-group bases, which aggregate exactly one ArrayRecord
+            if msg.has_error() or records.RULE_ARRAYS not in msg.content.array_records:
+                continue
+            rec = msg.content.array_records[records.RULE_ARRAYS]
+            del msg.content[records.RULE_ARRAYS]
+            if "logits" not in rec or "counts" not in rec:
+                continue
+            logits, has = rec["logits"].numpy().astype(np.float64), rec["counts"].numpy() > 0
+            if logits.ndim != 2 or logits.shape[0] != logits.shape[1] or has.shape != (logits.shape[0],) \
+                    or not np.isfinite(logits).all():  # fmt: skip
+                continue
+            sums = np.zeros_like(logits) if sums is None else sums
+            clients = np.zeros(len(has)) if clients is None else clients
+            sums[has] += logits[has]
+            clients += has
+        state, metrics = super().aggregate_train(server_round, replies)
+        if sums is not None and clients is not None:
+            have = clients > 0
+            mean = np.where(have[:, None], sums / np.maximum(clients, 1)[:, None], 0.0)
+            self.global_logits = ArrayRecord(
+                {"logits": Array(mean.astype(np.float32)), "has": Array(have.astype(np.float32))}
+            )
+            self.round_metrics["fd_classes"] = int(have.sum())
+        return state, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        from fedkd.checkpoint import to_tree
+
+        return {**super().state_dict(), "global_logits": to_tree(self.global_logits)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from fedkd.checkpoint import from_tree
+
+        super().load_state_dict(state)
+        self.global_logits = from_tree(state["global_logits"])
