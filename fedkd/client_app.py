@@ -337,6 +337,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         store = store_for(context, str(conf.get(records.STATE_DIR, "") or ""), pid,
                           cfg.int("checkpoint.every"), cfg.int("checkpoint.keep"))  # fmt: skip
         rule.personalize(model, store.load(int(conf.get("server-round", 0)) + 1)[1])  # type: ignore[arg-type]
+        rec = msg.content.array_records.get(records.RULE_ARRAYS)
+        server = {k: torch.from_numpy(v.numpy().copy()) for k, v in rec.items()} if rec is not None else {}
+        model = rule.evaluation_model(model, server)  # type: ignore[assignment]
     loss, acc = evaluate(model, x, y, cfg.int("eval.batch-size"), client_device(cfg, context.node_config))
     metrics = MetricRecord({records.NUM_EXAMPLES: len(x), "local-loss": loss, "local-accuracy": acc})
     return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)

@@ -162,6 +162,7 @@ def train_local(
                 on_epoch((step + 1) // per_epoch, epoch_total / max(epoch_count, 1))
                 epoch_total, epoch_count = 0.0, 0
     if rule is not None:
+        rule.after(model, x, y)
         rule.end(model, steps)
     return total / max(count, 1)
 
@@ -273,6 +274,10 @@ class LocalRule:
 
     def correct(self, model: nn.Module) -> None:
         """Change the gradients after ``backward``, before the optimizer step."""
+
+    def after(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        """After the last step, before :meth:`end`, with the client's training data (e.g. to
+        compute class prototypes on it)."""
 
     def end(self, model: nn.Module, steps: int) -> None:
         """After the last of ``steps`` optimizer steps: set :attr:`state`, :attr:`arrays`, :attr:`metrics`."""
@@ -450,6 +455,12 @@ class PersonalRule(LocalRule):
                 if name in state:
                     own[name].copy_(state[name].to(own[name]))
 
+    @classmethod
+    def evaluation_model(cls, model: nn.Module, server: State) -> nn.Module:
+        """The model federated evaluation scores (``server``: the evaluate message's rule
+        arrays); the personalized model itself unless the method predicts otherwise."""
+        return model
+
     def __init__(self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None) -> None:
         super().__init__(model, cfg, server, state)
         self.personalize(model, state)
@@ -557,3 +568,76 @@ class FDRule(PersonalRule):
         if self.sums is not None and self.counts is not None:
             means = self.sums / self.counts.clamp(min=1).unsqueeze(1)
             self.arrays = {"logits": means.float(), "counts": self.counts.float()}
+
+
+class _NearestPrototype(nn.Module):
+    """Scores ``−‖features(x) − p_c‖²`` per class: argmax is FedProto's nearest-prototype
+    prediction (classes without a prototype score −10⁹)."""
+
+    def __init__(self, model: nn.Module, protos: Tensor, has: Tensor) -> None:
+        super().__init__()
+        self.model, self.protos, self.has = model, protos, has.bool()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.model.features(x)  # type: ignore[operator]
+        d = ((h[:, None, :] - self.protos.to(h)[None]) ** 2).sum(-1)
+        return (-d).masked_fill(~self.has.to(h.device)[None], -1e9)  # (finite: the loss stays a number)
+
+
+@LOCAL_RULES.register("fedproto")
+class FedProtoRule(PersonalRule):
+    """FedProto's client (Tan et al., AAAI 2022; PFLlib's ``clientproto.py``): the whole model
+    stays local; every step adds ``λ · MSE(h', h)``, ``h`` the batch's features and ``h'``
+    them with each row whose label has a global prototype replaced by it (mean over batch ×
+    dimensions, as ``nn.MSELoss``). After training, in eval mode, the per-class mean features
+    of its training data are its prototypes (``protos``, with ``counts``). Evaluation is by
+    the nearest global prototype (the head, before there are any)."""
+
+    needs_features = True
+
+    def __init__(
+        self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None, lamda: float = 1.0
+    ) -> None:
+        super().__init__(model, cfg, server, state)
+        self.lamda = float(lamda)
+        self.protos = server.get("protos")
+        self.has = server["has"].bool() if "has" in server else None
+
+    @classmethod
+    def local_names(cls, model: nn.Module) -> list[str]:
+        return list(model.state_dict())
+
+    @classmethod
+    def evaluation_model(cls, model: nn.Module, server: State) -> nn.Module:
+        if "protos" not in server or "has" not in server or not server["has"].any():
+            return model
+        return _NearestPrototype(model, server["protos"], server["has"])
+
+    def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
+        if features is None or self.protos is None or self.has is None or self.lamda == 0:
+            return None
+        target = features.detach().clone()
+        rows = self.has.to(y.device)[y]
+        target[rows] = self.protos.to(target)[y[rows]]
+        return self.lamda * F.mse_loss(features, target)
+
+    @torch.no_grad()
+    def after(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        was = model.training
+        model.eval()
+        c = int(getattr(model, "num_classes", int(y.max()) + 1))
+        sums: Tensor | None = None
+        counts = torch.zeros(c, dtype=torch.float64, device=x.device)
+        for i in range(0, len(x), 500):
+            h = model.features(x[i : i + 500]).double()  # type: ignore[operator]
+            sums = torch.zeros(c, h.shape[1], dtype=torch.float64, device=h.device) if sums is None else sums
+            sums.index_add_(0, y[i : i + 500], h)
+            counts += torch.bincount(y[i : i + 500], minlength=c).double()
+        model.train(was)
+        if sums is not None:
+            self.arrays = {"protos": (sums / counts.clamp(min=1).unsqueeze(1)).float(), "counts": counts.float()}
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        arrays = self.arrays
+        super().end(model, steps)
+        self.arrays = arrays

@@ -26,7 +26,7 @@ initialization).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -39,23 +39,28 @@ from fedkd.rules import RuleStrategy
 from strategies import STRATEGIES
 
 
-@STRATEGIES.register("fd")
-class FD(GroupedStrategy):
-    """Federated distillation: per-class logits shared, models local; ``lamda`` weighs the KD term."""
+class ClassVectorStrategy(GroupedStrategy):
+    """Models stay on the clients (their rule keeps them); what is shared is one vector per
+    class (:attr:`key`: ``logits`` for FD, ``protos`` for FedProto), averaged per class over
+    the clients that have the class, uniformly, and sent back with a ``has`` mask."""
+
+    rule: ClassVar[str] = ""
+    key: ClassVar[str] = ""
 
     def __init__(self, *args: Any, base: str = "fedavg", lamda: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        name = self.rule
         if any(isinstance(d, RuleStrategy) for d in self.delegates.values()):
-            raise ConfigError(f"strategy.fd.base = {base!r} runs its own local rule; use a plain base")
+            raise ConfigError(f"strategy.{name}.base = {base!r} runs its own local rule; use a plain base")
         if not lamda >= 0:
-            raise ConfigError(f"strategy.fd.lamda must be ≥ 0, got {lamda!r}")
+            raise ConfigError(f"strategy.{name}.lamda must be ≥ 0, got {lamda!r}")
         self.lamda = float(lamda)
-        #: The global per-class logits (``logits``: C × C, ``has``: which classes have one).
+        #: The global per-class vectors (:attr:`key`: C × D, ``has``: which classes have one).
         self.global_logits = ArrayRecord()
 
     def _with_rule(self, config: ConfigRecord) -> ConfigRecord:
         config = ConfigRecord(dict(config))
-        config[records.RULE] = "fd"
+        config[records.RULE] = self.rule
         config[f"{records.RULE}.lamda"] = self.lamda
         return config
 
@@ -84,11 +89,11 @@ class FD(GroupedStrategy):
                 continue
             rec = msg.content.array_records[records.RULE_ARRAYS]
             del msg.content[records.RULE_ARRAYS]
-            if "logits" not in rec or "counts" not in rec:
+            if self.key not in rec or "counts" not in rec:
                 continue
-            logits, has = rec["logits"].numpy().astype(np.float64), rec["counts"].numpy() > 0
-            if logits.ndim != 2 or logits.shape[0] != logits.shape[1] or has.shape != (logits.shape[0],) \
-                    or not np.isfinite(logits).all():  # fmt: skip
+            logits, has = rec[self.key].numpy().astype(np.float64), rec["counts"].numpy() > 0
+            if logits.ndim != 2 or has.shape != (logits.shape[0],) or not np.isfinite(logits).all() \
+                    or (sums is not None and sums.shape != logits.shape):  # fmt: skip
                 continue
             sums = np.zeros_like(logits) if sums is None else sums
             clients = np.zeros(len(has)) if clients is None else clients
@@ -99,9 +104,9 @@ class FD(GroupedStrategy):
             have = clients > 0
             mean = np.where(have[:, None], sums / np.maximum(clients, 1)[:, None], 0.0)
             self.global_logits = ArrayRecord(
-                {"logits": Array(mean.astype(np.float32)), "has": Array(have.astype(np.float32))}
+                {self.key: Array(mean.astype(np.float32)), "has": Array(have.astype(np.float32))}
             )
-            self.round_metrics["fd_classes"] = int(have.sum())
+            self.round_metrics[f"{self.rule}_classes"] = int(have.sum())
         return state, metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -114,3 +119,11 @@ class FD(GroupedStrategy):
 
         super().load_state_dict(state)
         self.global_logits = from_tree(state["global_logits"])
+
+
+@STRATEGIES.register("fd")
+class FD(ClassVectorStrategy):
+    """Federated distillation: per-class logits shared, models local; ``lamda`` weighs the KD term."""
+
+    rule = "fd"
+    key = "logits"

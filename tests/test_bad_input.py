@@ -163,6 +163,8 @@ ROWS = [
                  "their heads differ (mlp 64→10, lenet5 84→10); set model.feature-dim", id="lgfedavg-heads"),
     pytest.param([*RUN, *_sets("strategy.name=fd", "strategy.fd.lamda=-1"), *NEW],
                  "strategy.fd.lamda must be ≥ 0", id="fd-lamda"),
+    pytest.param([*RUN, *_sets("strategy.name=fedproto", "clients.architectures=mlp:2,lenet5:2"), *NEW],
+                 "their feature dimensions differ (mlp 64, lenet5 84); set model.feature-dim", id="fedproto-dims"),
     pytest.param([*RUN, *_sets("strategy.name=fedrep", "strategy.fedrep.head-steps=-1"), *NEW],
                  "strategy.fedrep.head-steps must be ≥ 0", id="fedrep-head-steps"),
     pytest.param([*RUN, "--set", "strategy.name=feddyn", "--set", "strategy.feddyn.alpha=0", *NEW],
