@@ -377,7 +377,7 @@ def test_client_state_persists_between_a_clients_rounds_on_the_ray_engine(tmp_pa
     argv = [sys.executable, "-m", "fedkd.cli", "run", "--engine", "ray", "--out", str(out), "--quiet"]
     proc = subprocess.run(
         [*argv, *[a for s in [*SETS, "strategy.name=scaffold"] for a in ("--set", s)]],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_state_from(_rows(out))
