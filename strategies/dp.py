@@ -29,7 +29,7 @@ counters included.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -78,95 +78,63 @@ class _AdaptiveNorm:
         self.clipping_norm_state = np.array([float(value)], dtype=np.float64)
 
 
+class _Fixed(DPWrapper):
+    """The fixed-clipping wrappers' keywords (one ``__init__`` for both sides)."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        num_sampled_clients: int,
+        *,
+        base: str = "fedavg",
+        noise_multiplier: float = 1.0,
+        clipping_norm: float = 1.0,
+        noise_seed: int = 0,
+    ) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)  # type: ignore[call-arg]
+        self.base, self.noise_seed = base, noise_seed
+
+
+class _Adaptive(_AdaptiveNorm, DPWrapper):
+    """The adaptive-clipping wrappers' keywords (one ``__init__`` for both sides)."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        num_sampled_clients: int,
+        *,
+        base: str = "fedavg",
+        noise_multiplier: float = 0.1,
+        initial_clipping_norm: float = 0.1,
+        target_clipped_quantile: float = 0.5,
+        clip_norm_lr: float = 0.2,
+        clipped_count_stddev: float = 0.0,
+        noise_seed: int = 0,
+    ) -> None:
+        super().__init__(  # type: ignore[call-arg]
+            strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm, target_clipped_quantile,
+            clip_norm_lr, clipped_count_stddev or None,
+        )  # fmt: skip
+        self.base, self.noise_seed = base, noise_seed
+
+
 @STRATEGIES.register("dp-server-fixed")
-class DPServerFixed(DPWrapper, DifferentialPrivacyServerSideFixedClipping):
+class DPServerFixed(_Fixed, DifferentialPrivacyServerSideFixedClipping):
     """Central DP, the server clips each update to ``clipping_norm`` and adds noise of std
     ``noise_multiplier · clipping_norm / sampled``."""
 
-    def __init__(
-        self,
-        strategy: Strategy,
-        num_sampled_clients: int,
-        *,
-        base: str = "fedavg",
-        noise_multiplier: float = 1.0,
-        clipping_norm: float = 1.0,
-        noise_seed: int = 0,
-    ) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self.base, self.noise_seed = base, noise_seed
-
 
 @STRATEGIES.register("dp-client-fixed")
-class DPClientFixed(DPWrapper, DifferentialPrivacyClientSideFixedClipping):
+class DPClientFixed(_Fixed, DifferentialPrivacyClientSideFixedClipping):
     """Central DP, each client clips its own update to ``clipping_norm``; the server adds noise."""
-
-    def __init__(
-        self,
-        strategy: Strategy,
-        num_sampled_clients: int,
-        *,
-        base: str = "fedavg",
-        noise_multiplier: float = 1.0,
-        clipping_norm: float = 1.0,
-        noise_seed: int = 0,
-    ) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self.base, self.noise_seed = base, noise_seed
 
 
 @STRATEGIES.register("dp-server-adaptive")
-class DPServerAdaptive(_AdaptiveNorm, DPWrapper, DifferentialPrivacyServerSideAdaptiveClipping):
+class DPServerAdaptive(_Adaptive, DifferentialPrivacyServerSideAdaptiveClipping):
     """Central DP with a clipping norm that tracks the ``target_clipped_quantile`` of the update
     norms (geometric steps of ``clip_norm_lr``), clipped on the server."""
 
-    def __init__(
-        self,
-        strategy: Strategy,
-        num_sampled_clients: int,
-        *,
-        base: str = "fedavg",
-        noise_multiplier: float = 0.1,
-        initial_clipping_norm: float = 0.1,
-        target_clipped_quantile: float = 0.5,
-        clip_norm_lr: float = 0.2,
-        clipped_count_stddev: float = 0.0,
-        noise_seed: int = 0,
-    ) -> None:
-        super().__init__(
-            strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm, target_clipped_quantile,
-            clip_norm_lr, clipped_count_stddev or None,
-        )  # fmt: skip
-        self.base, self.noise_seed = base, noise_seed
-
 
 @STRATEGIES.register("dp-client-adaptive")
-class DPClientAdaptive(_AdaptiveNorm, DPWrapper, DifferentialPrivacyClientSideAdaptiveClipping):
+class DPClientAdaptive(_Adaptive, DifferentialPrivacyClientSideAdaptiveClipping):
     """Central DP with an adaptive clipping norm; each client clips and reports its ``norm_bit``."""
-
-    def __init__(
-        self,
-        strategy: Strategy,
-        num_sampled_clients: int,
-        *,
-        base: str = "fedavg",
-        noise_multiplier: float = 0.1,
-        initial_clipping_norm: float = 0.1,
-        target_clipped_quantile: float = 0.5,
-        clip_norm_lr: float = 0.2,
-        clipped_count_stddev: float = 0.0,
-        noise_seed: int = 0,
-    ) -> None:
-        super().__init__(
-            strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm, target_clipped_quantile,
-            clip_norm_lr, clipped_count_stddev or None,
-        )  # fmt: skip
-        self.base, self.noise_seed = base, noise_seed
-
-
-DP_WRAPPERS: dict[str, Any] = {
-    "dp-server-fixed": DPServerFixed,
-    "dp-client-fixed": DPClientFixed,
-    "dp-server-adaptive": DPServerAdaptive,
-    "dp-client-adaptive": DPClientAdaptive,
-}
