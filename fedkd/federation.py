@@ -231,13 +231,23 @@ class GroupedStrategy(Strategy):
 
     #: Whether the strategy trains a global architecture that no client holds.
     trains_global_without_clients: ClassVar[bool] = False
+    #: A local-training rule (:data:`fedkd.train.LOCAL_RULES`) every client of every group runs,
+    #: named in the train and evaluate configs with :meth:`client_rule_params` (LG-FedAvg, FD,
+    #: FedProto); "" for none. The per-group bases must then not run rules of their own.
+    client_rule: ClassVar[str] = ""
 
     def __init__(self, federation: Federation, base_factory: BaseFactory, context: ServerContext | None = None) -> None:
+        from fedkd.rules import RuleStrategy
+
         self.federation = federation
         self.context = context
         self.delegates: dict[str, Strategy] = {
             arch: base_factory(len(federation.nodes(arch))) for arch in federation.groups if federation.nodes(arch)
         }
+        ruled = [type(d).__name__ for d in self.delegates.values() if isinstance(d, RuleStrategy)]
+        if self.client_rule and ruled:
+            raise ConfigError(f"{self.client_rule}'s clients run its rule, but its base {ruled[0]} runs its own local "
+                              "rule; use a plain base")  # fmt: skip
         self.current: ArrayRecord | None = None
         self.last_train_metrics: MetricRecord | None = None
         #: Extra server-side metrics of the current round (e.g. distillation loss, seconds of
@@ -292,8 +302,16 @@ class GroupedStrategy(Strategy):
             random.seed(derive_seed(self.federation.seed, server_round, i, len(hook)))
             sub = records.unpack(arrays, arch)
             cfg = ConfigRecord(dict(config))  # bases add keys (e.g. FedProx's proximal-mu)
+            if self.client_rule:
+                cfg[records.RULE] = self.client_rule
+                for k, v in self.client_rule_params().items():
+                    cfg[f"{records.RULE}.{k.replace('_', '-')}"] = v
             msgs.extend(getattr(base, hook)(server_round, sub, cfg, _GroupGrid(grid, self.federation.nodes(arch))))
         return msgs
+
+    def client_rule_params(self) -> dict[str, Any]:
+        """Keyword arguments of :attr:`client_rule`, sent as ``rule.<param>`` config keys."""
+        return {}
 
     def accept(self, replies: Iterable[Message]) -> list[Message]:
         """The valid, non-error replies; count and log the rejected ones."""

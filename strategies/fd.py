@@ -35,7 +35,6 @@ from flwr.serverapp import Grid
 from fedkd import records
 from fedkd.errors import ConfigError
 from fedkd.federation import GroupedStrategy
-from fedkd.rules import RuleStrategy
 from strategies import STRATEGIES
 
 
@@ -44,39 +43,27 @@ class ClassVectorStrategy(GroupedStrategy):
     class (:attr:`key`: ``logits`` for FD, ``protos`` for FedProto), averaged per class over
     the clients that have the class, uniformly, and sent back with a ``has`` mask."""
 
-    rule: ClassVar[str] = ""
     key: ClassVar[str] = ""
 
     def __init__(self, *args: Any, base: str = "fedavg", lamda: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        name = self.rule
-        if any(isinstance(d, RuleStrategy) for d in self.delegates.values()):
-            raise ConfigError(f"strategy.{name}.base = {base!r} runs its own local rule; use a plain base")
         if not lamda >= 0:
-            raise ConfigError(f"strategy.{name}.lamda must be ≥ 0, got {lamda!r}")
+            raise ConfigError(f"strategy.{self.client_rule}.lamda must be ≥ 0, got {lamda!r}")
         self.lamda = float(lamda)
         #: The global per-class vectors (:attr:`key`: C × D, ``has``: which classes have one).
         self.global_logits = ArrayRecord()
 
-    def _with_rule(self, config: ConfigRecord) -> ConfigRecord:
-        config = ConfigRecord(dict(config))
-        config[records.RULE] = self.rule
-        config[f"{records.RULE}.lamda"] = self.lamda
-        return config
+    def client_rule_params(self) -> dict[str, Any]:
+        return {"lamda": self.lamda}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        msgs = list(super().configure_train(server_round, arrays, self._with_rule(config), grid))
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
         if len(self.global_logits):
             for m in msgs:
                 m.content[records.RULE_ARRAYS] = self.global_logits
         return msgs
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return super().configure_evaluate(server_round, arrays, self._with_rule(config), grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -106,7 +93,7 @@ class ClassVectorStrategy(GroupedStrategy):
             self.global_logits = ArrayRecord(
                 {self.key: Array(mean.astype(np.float32)), "has": Array(have.astype(np.float32))}
             )
-            self.round_metrics[f"{self.rule}_classes"] = int(have.sum())
+            self.round_metrics[f"{self.client_rule}_classes"] = int(have.sum())
         return state, metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -125,5 +112,5 @@ class ClassVectorStrategy(GroupedStrategy):
 class FD(ClassVectorStrategy):
     """Federated distillation: per-class logits shared, models local; ``lamda`` weighs the KD term."""
 
-    rule = "fd"
+    client_rule = "fd"
     key = "logits"

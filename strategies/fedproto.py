@@ -43,7 +43,7 @@ from strategies.fd import ClassVectorStrategy
 class FedProto(ClassVectorStrategy):
     """Class prototypes shared, models local; ``lamda`` weighs the prototype term."""
 
-    rule = "fedproto"
+    client_rule = "fedproto"
     key = "protos"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -27,13 +27,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedkd import records
 from fedkd.errors import ConfigError
 from fedkd.federation import GroupedStrategy
-from fedkd.rules import RuleStrategy
 from strategies import STRATEGIES
 
 HEAD = "classifier."
@@ -43,10 +41,10 @@ HEAD = "classifier."
 class LGFedAvg(GroupedStrategy):
     """Local representations, a global classifier head averaged over every group."""
 
+    client_rule = "lgfedavg"
+
     def __init__(self, *args: Any, base: str = "fedavg", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if any(isinstance(d, RuleStrategy) for d in self.delegates.values()):
-            raise ConfigError(f"strategy.lgfedavg.base = {base!r} runs its own local rule; use a plain base")
         if self.context is not None:
             shapes = {a: tuple(self.context.build(a).classifier.weight.shape) for a in self.federation.groups}
             if len(set(shapes.values())) > 1:
@@ -54,21 +52,6 @@ class LGFedAvg(GroupedStrategy):
                     "lgfedavg shares one classifier head across architectures, but their heads differ "
                     f"({', '.join(f'{a} {s[1]}→{s[0]}' for a, s in shapes.items())}); set model.feature-dim"
                 )
-
-    def _with_rule(self, config: ConfigRecord) -> ConfigRecord:
-        config = ConfigRecord(dict(config))
-        config[records.RULE] = "lgfedavg"
-        return config
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return super().configure_train(server_round, arrays, self._with_rule(config), grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return super().configure_evaluate(server_round, arrays, self._with_rule(config), grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
