@@ -166,6 +166,19 @@ def fedgen_regularizer(msg: Message, model: FedkdModel, seed: int) -> FedGenRegu
     )  # fmt: skip
 
 
+def rule_arrays(msg: Message, device: torch.device) -> dict[str, torch.Tensor]:
+    """The server's arrays for the strategy's rule (``rule-arrays``) as tensors on ``device``."""
+    rec = msg.content.array_records.get(records.RULE_ARRAYS)
+    return {k: torch.from_numpy(v.numpy().copy()).to(device) for k, v in rec.items()} if rec is not None else {}
+
+
+def client_store(msg: Message, cfg: Config, context: Context, pid: int) -> ClientState:
+    """Where this client's rule state is kept (:func:`fedkd.client_state.store_for`)."""
+    conf = msg.content.config_records[records.CONFIG]
+    return store_for(context, str(conf.get(records.STATE_DIR, "") or ""), pid,
+                     cfg.int("checkpoint.every"), cfg.int("checkpoint.keep"))  # fmt: skip
+
+
 def local_rule(
     msg: Message, cfg: Config, context: Context, model: FedkdModel, local: LocalTrainConfig, pid: int, server_round: int
 ) -> tuple[LocalRule | None, ClientState | None, int]:
@@ -179,13 +192,10 @@ def local_rule(
     cls = LOCAL_RULES.get(name)
     prefix = f"{records.RULE}."
     params = {k[len(prefix) :].replace("-", "_"): v for k, v in conf.items() if k.startswith(prefix)}
-    device = next(model.parameters()).device
-    rec = msg.content.array_records.get(records.RULE_ARRAYS)
-    server = {k: torch.from_numpy(v.numpy().copy()).to(device) for k, v in rec.items()} if rec is not None else {}
+    server = rule_arrays(msg, next(model.parameters()).device)
     store, since, state = None, 0, None
     if cls.stateful:
-        store = store_for(context, str(conf.get(records.STATE_DIR, "") or ""), pid,
-                          cfg.int("checkpoint.every"), cfg.int("checkpoint.keep"))  # fmt: skip
+        store = client_store(msg, cfg, context, pid)
         since, state = store.load(server_round)
     return cls(model, local, server, state, **params), store, since
 
@@ -334,12 +344,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     conf = msg.content.config_records[records.CONFIG]
     rule = LOCAL_RULES.get(str(conf[records.RULE])) if conf.get(records.RULE) else None
     if rule is not None and issubclass(rule, PersonalRule):  # the client's own parts (FedBN, FedPer, FedRep)
-        store = store_for(context, str(conf.get(records.STATE_DIR, "") or ""), pid,
-                          cfg.int("checkpoint.every"), cfg.int("checkpoint.keep"))  # fmt: skip
+        store = client_store(msg, cfg, context, pid)
         rule.personalize(model, store.load(int(conf.get("server-round", 0)) + 1)[1])  # type: ignore[arg-type]
-        rec = msg.content.array_records.get(records.RULE_ARRAYS)
-        server = {k: torch.from_numpy(v.numpy().copy()) for k, v in rec.items()} if rec is not None else {}
-        model = rule.evaluation_model(model, server)  # type: ignore[assignment]
+        model = rule.evaluation_model(model, rule_arrays(msg, torch.device("cpu")))  # type: ignore[assignment]
     loss, acc = evaluate(model, x, y, cfg.int("eval.batch-size"), client_device(cfg, context.node_config))
     metrics = MetricRecord({records.NUM_EXAMPLES: len(x), "local-loss": loss, "local-accuracy": acc})
     return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
