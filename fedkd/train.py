@@ -140,6 +140,8 @@ def train_local(
         else:
             logits = model(xb)
         loss = F.cross_entropy(logits, yb)
+        if rule is not None and rule.ce_weight != 1.0:
+            loss = rule.ce_weight * loss
         if regularizer is not None and (extra := regularizer(model, logits, yb, step)) is not None:
             loss = loss + extra
         if rule is not None and (term := rule.loss(model, xb, feats, logits, yb)) is not None:
@@ -261,6 +263,8 @@ class LocalRule:
     stateful: ClassVar[bool] = False
     #: :meth:`loss` needs the batch's features (``model.features``), computed once with the logits.
     needs_features: ClassVar[bool] = False
+    #: The weight of each step's cross-entropy (FML's α); :meth:`loss` adds the rest.
+    ce_weight: float = 1.0
 
     def __init__(self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None) -> None:
         self.cfg = cfg
@@ -570,6 +574,26 @@ class FDRule(PersonalRule):
             self.arrays = {"logits": means.float(), "counts": self.counts.float()}
 
 
+@torch.no_grad()
+def class_prototypes(model: nn.Module, x: Tensor, y: Tensor) -> State:
+    """Per-class mean features of ``(x, y)`` in eval mode (``protos``, C × D, zeros for absent
+    classes) and the class counts (``counts``): what FedProto and FedGH clients send."""
+    was = model.training
+    model.eval()
+    c = int(getattr(model, "num_classes", int(y.max()) + 1))
+    sums: Tensor | None = None
+    counts = torch.zeros(c, dtype=torch.float64, device=x.device)
+    for i in range(0, len(x), 500):
+        h = model.features(x[i : i + 500]).double()  # type: ignore[operator]
+        sums = torch.zeros(c, h.shape[1], dtype=torch.float64, device=h.device) if sums is None else sums
+        sums.index_add_(0, y[i : i + 500], h)
+        counts += torch.bincount(y[i : i + 500], minlength=c).double()
+    model.train(was)
+    if sums is None:
+        return {}
+    return {"protos": (sums / counts.clamp(min=1).unsqueeze(1)).float(), "counts": counts.float()}
+
+
 class _NearestPrototype(nn.Module):
     """Scores ``−‖features(x) − p_c‖²`` per class: argmax is FedProto's nearest-prototype
     prediction (classes without a prototype score −10⁹)."""
@@ -621,23 +645,182 @@ class FedProtoRule(PersonalRule):
         target[rows] = self.protos.to(target)[y[rows]]
         return self.lamda * F.mse_loss(features, target)
 
-    @torch.no_grad()
     def after(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        was = model.training
-        model.eval()
-        c = int(getattr(model, "num_classes", int(y.max()) + 1))
-        sums: Tensor | None = None
-        counts = torch.zeros(c, dtype=torch.float64, device=x.device)
-        for i in range(0, len(x), 500):
-            h = model.features(x[i : i + 500]).double()  # type: ignore[operator]
-            sums = torch.zeros(c, h.shape[1], dtype=torch.float64, device=h.device) if sums is None else sums
-            sums.index_add_(0, y[i : i + 500], h)
-            counts += torch.bincount(y[i : i + 500], minlength=c).double()
-        model.train(was)
-        if sums is not None:
-            self.arrays = {"protos": (sums / counts.clamp(min=1).unsqueeze(1)).float(), "counts": counts.float()}
+        self.arrays = class_prototypes(model, x, y)
+
+
+@LOCAL_RULES.register("fedgh")
+class FedGHRule(LGFedAvgRule):
+    """FedGH's client (Yi et al., ACM MM 2023; PFLlib / HtFLlib ``clientgh.py``): the
+    representation stays local, the head is the server's generalized global header (it
+    arrives in the model); training is plain cross-entropy over the whole model; after it,
+    the per-class mean features of the training data (eval mode) are sent for the server to
+    train the header on."""
+
+    def after(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        self.arrays = class_prototypes(model, x, y)
+
+
+# --------------------------------------------------------------------------- a shared second model
+SVD_SUFFIXES = ("@u", "@s", "@v")
+
+
+def compress_svd(state: State, energy: float) -> State:
+    """FedKD's update compression: every weight matrix ``W`` (2-D, both sides > 1) becomes the
+    factors ``U_r, σ_r, V_r`` of its truncated SVD (keys ``name@u``, ``name@s``, ``name@v``),
+    ``r`` the fewest singular values whose squares hold ``energy`` of ``‖W‖²_F``; a matrix stays
+    whole when the factors would not be smaller, and so does everything else. ``energy ≥ 1``
+    sends everything whole."""
+    out: State = {}
+    for name, w in state.items():
+        if energy < 1 and w.ndim == 2 and min(w.shape) > 1 and w.is_floating_point():
+            u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+            cum = (s**2).cumsum(0)
+            r = min(int((cum < energy * cum[-1]).sum()) + 1, len(s))
+            if r * (w.shape[0] + w.shape[1] + 1) < w.numel():
+                out[name + "@u"], out[name + "@s"], out[name + "@v"] = (
+                    u[:, :r].to(w.dtype), s[:r].to(w.dtype), vh[:r].to(w.dtype)
+                )
+                continue
+        out[name] = w
+    return out
+
+
+def recover_svd(arrays: State) -> State:
+    """The inverse of :func:`compress_svd` (exact for the entries sent whole)."""
+    out: State = {}
+    for name, v in arrays.items():
+        if name.endswith("@u"):
+            base = name[:-2]
+            out[base] = (v * arrays[base + "@s"][None, :]) @ arrays[base + "@v"]
+        elif not name.endswith(SVD_SUFFIXES):
+            out[name] = v
+    return out
+
+
+class SharedModelRule(PersonalRule):
+    """A client that keeps its whole model and trains a second, *shared* model beside it, one
+    architecture for every client, which the server averages (FML's meme model, FedKD's
+    mentee). The shared model's weights arrive in the rule's arrays (whole, or as
+    :func:`compress_svd` factors) and leave in them after training; its optimizer is the local
+    one's recipe (SGD, ``lr``, momentum, weight decay), stepped in :meth:`correct` on the
+    gradients that the step's single backward left on it. ``clip > 0`` clips each model's
+    gradient norm first (PFLlib / HtFLlib clip both at 10, "to prevent divergence")."""
+
+    def __init__(
+        self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None,
+        shared: str = "", clip: float = 10.0,
+    ) -> None:  # fmt: skip
+        from fedkd.models import build_model
+
+        super().__init__(model, cfg, server, state)
+        weights = recover_svd(server)
+        if "classifier.weight" not in weights:
+            raise ValueError(f"{type(self).__name__}: the server sent no shared model")
+        ref = next(model.parameters())
+        fd = int(weights["classifier.weight"].shape[1])
+        self.shared = build_model(shared, model.in_shape, model.num_classes, fd)  # type: ignore[arg-type]
+        self.shared.load_state_dict(weights)
+        self.shared.to(device=ref.device, dtype=ref.dtype).train()
+        self.clip = float(clip)
+        self.extra: list[nn.Parameter] = []  # further parameters the shared optimizer steps (FedKD's W_h)
+
+    def _optimizer(self) -> None:
+        params = [*self.shared.parameters(), *self.extra]
+        self.opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+
+    @classmethod
+    def local_names(cls, model: nn.Module) -> list[str]:
+        return list(model.state_dict())
+
+    def correct(self, model: nn.Module) -> None:
+        if self.clip > 0:
+            for group in (list(model.parameters()), list(self.shared.parameters()), self.extra):
+                if group:
+                    nn.utils.clip_grad_norm_(group, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def shared_arrays(self) -> State:
+        return {k: v.detach().clone() for k, v in self.shared.state_dict().items()}
 
     def end(self, model: nn.Module, steps: int) -> None:
-        arrays = self.arrays
         super().end(model, steps)
-        self.arrays = arrays
+        self.arrays = self.shared_arrays()
+
+
+@LOCAL_RULES.register("fml")
+class FMLRule(SharedModelRule):
+    """FML's client (Shen et al., 2020, "Federated Mutual Learning"): deep mutual learning
+    between the local model and the shared meme model, each minimizing its own loss,
+
+    ``L_local = α CE(local) + (1 − α) KL(p_meme ‖ p_local)`` and
+    ``L_meme = β CE(meme) + (1 − β) KL(p_local ‖ p_meme)``,
+
+    the other model's prediction a fixed target in each KL (true KL: summed over classes,
+    averaged over the batch). One backward of their sum gives each model exactly the gradient
+    of its own loss."""
+
+    def __init__(
+        self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None,
+        shared: str = "", clip: float = 10.0, alpha: float = 0.5, beta: float = 0.5,
+    ) -> None:  # fmt: skip
+        super().__init__(model, cfg, server, state, shared, clip)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.ce_weight = self.alpha
+        self._optimizer()
+
+    def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
+        s = self.shared(x)
+        kl_local = F.kl_div(F.log_softmax(logits, 1), F.softmax(s.detach(), 1), reduction="batchmean")
+        kl_meme = F.kl_div(F.log_softmax(s, 1), F.softmax(logits.detach(), 1), reduction="batchmean")
+        return (1 - self.alpha) * kl_local + self.beta * F.cross_entropy(s, y) + (1 - self.beta) * kl_meme
+
+
+@LOCAL_RULES.register("fedkd")
+class FedKDRule(SharedModelRule):
+    """FedKD's client (Wu et al., Nature Communications 2022; the official ``model_bert.py`` and
+    PFLlib / HtFLlib ``clientkd.py``): the local mentor and the shared mentee learn from each
+    other with losses scaled by how well both already do,
+
+    ``CE_t + CE_s + (KL(p_s ‖ p_t) + KL(p_t ‖ p_s) + 2 MSE(h_t, W_h h_s)) / (CE_t + CE_s)``,
+
+    one loss for both models, nothing detached (as the official code), the KL terms as
+    ``nn.KLDivLoss()``'s default mean over batch × classes, ``W_h`` (shared features → local
+    features, no bias) a local parameter kept between rounds. The mentee leaves as
+    :func:`compress_svd` factors at this round's ``energy``."""
+
+    needs_features = True
+
+    def __init__(
+        self, model: nn.Module, cfg: LocalTrainConfig, server: State, state: State | None,
+        shared: str = "", clip: float = 10.0, energy: float = 1.0,
+    ) -> None:  # fmt: skip
+        super().__init__(model, cfg, server, state, shared, clip)
+        self.energy = float(energy)
+        ref = next(model.parameters())
+        local_dim, shared_dim = int(model.feature_dim), int(self.shared.feature_dim)  # type: ignore[arg-type]
+        w = torch.empty(local_dim, shared_dim, dtype=torch.float64)
+        bound = 1.0 / math.sqrt(shared_dim)  # nn.Linear's default initialization, from a fixed seed
+        w.uniform_(-bound, bound, generator=torch.Generator().manual_seed(0))
+        if state and "W_h" in state and tuple(state["W_h"].shape) == (local_dim, shared_dim):
+            w = state["W_h"].double()
+        self.w_h = nn.Parameter(w.to(device=ref.device, dtype=ref.dtype))
+        self.extra = [self.w_h]
+        self._optimizer()
+
+    def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
+        assert features is not None
+        h_s = self.shared.features(x)  # type: ignore[operator]
+        s = self.shared.classifier(h_s)  # type: ignore[operator]
+        ce_t, ce_s = F.cross_entropy(logits, y), F.cross_entropy(s, y)
+        c = logits.shape[1]  # nn.KLDivLoss()'s mean over batch × classes: KL / C
+        kl_t = F.kl_div(F.log_softmax(logits, 1), F.softmax(s, 1), reduction="batchmean") / c
+        kl_s = F.kl_div(F.log_softmax(s, 1), F.softmax(logits, 1), reduction="batchmean") / c
+        hidden = F.mse_loss(features, h_s @ self.w_h.T)
+        return ce_s + (kl_t + kl_s + 2 * hidden) / (ce_t + ce_s)
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        super().end(model, steps)
+        self.state["W_h"] = self.w_h.detach().clone()
+        self.arrays = compress_svd(self.arrays, self.energy)

@@ -37,6 +37,19 @@ from strategies import STRATEGIES
 HEAD = "classifier."
 
 
+def check_one_head(strategy: GroupedStrategy, name: str) -> None:
+    """Refuse architectures whose classifier heads differ in shape (one head is shared by all)."""
+    if strategy.context is None:
+        return
+    ctx = strategy.context
+    shapes = {a: tuple(ctx.build(a).classifier.weight.shape) for a in strategy.federation.groups}
+    if len(set(shapes.values())) > 1:
+        raise ConfigError(
+            f"{name} shares one classifier head across architectures, but their heads differ "
+            f"({', '.join(f'{a} {s[1]}→{s[0]}' for a, s in shapes.items())}); set model.feature-dim"
+        )
+
+
 @STRATEGIES.register("lgfedavg")
 class LGFedAvg(GroupedStrategy):
     """Local representations, a global classifier head averaged over every group."""
@@ -45,13 +58,7 @@ class LGFedAvg(GroupedStrategy):
 
     def __init__(self, *args: Any, base: str = "fedavg", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.context is not None:
-            shapes = {a: tuple(self.context.build(a).classifier.weight.shape) for a in self.federation.groups}
-            if len(set(shapes.values())) > 1:
-                raise ConfigError(
-                    "lgfedavg shares one classifier head across architectures, but their heads differ "
-                    f"({', '.join(f'{a} {s[1]}→{s[0]}' for a, s in shapes.items())}); set model.feature-dim"
-                )
+        check_one_head(self, "lgfedavg")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -26,6 +26,15 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's command) the ``slow`` tests (ray
+    clusters, SuperLinks, ``flwr run``) share one worker, so no two of them start at once; the
+    rest spread over the workers."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("engines"))
+
+
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)

@@ -22,6 +22,9 @@ SHRINK = {
     "feddyn": [],
     "moon": [],
     "fednova": [],
+    "fml": [],
+    "fedkd": [],
+    "fedgh": [],
 }
 
 
@@ -39,6 +42,10 @@ def test_recipe_runs_end_to_end(tmp_path, path):
     one_shot = cfg.int("rounds") == 1
     sets = [f"rounds={1 if one_shot else 2}", f"clients.num={cfg.int('clients.num') if one_shot else 4}",
             "clients.fraction=1.0", "clients.local-steps=5", *SHRINK[name]]  # fmt: skip
+    archs = [item.split(":")[0].strip() for item in cfg.str("clients.architectures").split(",")]
+    if not one_shot and len(archs) > 1:  # the same architectures over the 4 clients
+        counts = [sum(1 for i in range(4) if i % len(archs) == j) for j in range(len(archs))]
+        sets.append("clients.architectures=" + ",".join(f"{a}:{c}" for a, c in zip(archs, counts, strict=True) if c))
     out = tmp_path / path.stem
     argv = ["run", str(path), "--out", str(out)] + [x for s in sets for x in ("--set", s)]
     assert main(argv) == 0
