@@ -199,9 +199,9 @@ class MeteredGrid(Grid):
 
     def reset(self) -> dict[str, int]:
         """Return the counters since the last reset and zero them."""
-        old = {"bytes_down": getattr(self, "bytes_down", 0), "bytes_up": getattr(self, "bytes_up", 0),
-               "failures": getattr(self, "failures", 0)}  # fmt: skip
-        self.bytes_down = self.bytes_up = self.failures = 0
+        names = ("bytes_down", "bytes_up", "bytes_down_extra", "bytes_up_extra", "failures")
+        old = {k: getattr(self, k, 0) for k in names}
+        self.bytes_down = self.bytes_up = self.bytes_down_extra = self.bytes_up_extra = self.failures = 0
         return old
 
     def set_run(self, run: Run) -> None:
@@ -221,8 +221,12 @@ class MeteredGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        self.bytes_down += sum(records.message_array_bytes(m) for m in messages)
+        self._count_sent(messages)
         return self.grid.push_messages(messages)
+
+    def _count_sent(self, messages: list[Message]) -> None:
+        self.bytes_down += sum(records.message_array_bytes(m) for m in messages)
+        self.bytes_down_extra += sum(records.message_extra_bytes(m) for m in messages)
 
     def _count_replies(self, replies: list[Message]) -> None:
         for r in replies:
@@ -230,6 +234,7 @@ class MeteredGrid(Grid):
                 self.failures += 1
             else:
                 self.bytes_up += records.message_array_bytes(r)
+                self.bytes_up_extra += records.message_extra_bytes(r)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.grid.pull_messages(message_ids))
@@ -238,7 +243,7 @@ class MeteredGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        self.bytes_down += sum(records.message_array_bytes(m) for m in messages)
+        self._count_sent(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self._count_replies(replies)
         self.failures += max(0, len(messages) - len(replies))  # timed out / lost

@@ -81,5 +81,14 @@ def message_array_bytes(msg: Message) -> int:
     return nbytes(msg.content.array_records.values())
 
 
+def message_extra_bytes(msg: Message) -> int:
+    """Bytes of the arrays a message carries beyond the model weights (``arrays``): a
+    generator, per-class logits, prototypes, a shared model. For a method whose clients keep
+    their own models (FD, FedProto, FML, FedKD) this is its whole traffic after the first round."""
+    if not msg.has_content():
+        return 0
+    return nbytes(rec for name, rec in msg.content.array_records.items() if name != ARRAYS)
+
+
 def run_config_record(toml_text: str) -> ConfigRecord:
     return ConfigRecord({RUN_CONFIG: toml_text})

@@ -185,6 +185,8 @@ class RunRecorder:
             "var_accuracy": float(np.var(accs)) if accs else None,
             "bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
+            "bytes_up_extra": sum(r.get("bytes_up_extra", 0) for r in self.rows),
+            "bytes_down_extra": sum(r.get("bytes_down_extra", 0) for r in self.rows),
             "failures": sum(r.get("failures", 0) for r in self.rows),
             **_final_client_accuracy(self.rows),
             **extra,

@@ -81,6 +81,7 @@ def test_array_bytes_count_every_array_record():
     msg = Message(RecordDict({"arrays": a, "generator": g}), grid.get_node_ids()[0], "train")
     assert records.message_array_bytes(msg) == len(a["x"].data) + len(g["y"].data)
     assert len(a["x"].data) >= 400 and len(g["y"].data) >= 40
+    assert records.message_extra_bytes(msg) == len(g["y"].data)  # beyond the model weights
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet8"])

@@ -222,3 +222,7 @@ def test_runs_with_three_architectures_and_reports_per_client_and_shared_accurac
     assert all(len(r["client_accuracy"]) == 6 and 0 <= r["shared_accuracy"] <= 1 for r in rows)
     assert rows[-1][f"{name}_shared_clients"] == 6 and rows[-1]["rejected"] == 0
     assert rows[-1]["state_from"] == {str(i): 1 for i in range(6)}  # the local models came back
+    # the shared model's traffic, counted apart from the clients' own models: once per client each way
+    shared = sum(v.nbytes for v in build_model("mlp", (1, 28, 28), 10, 16).state_dict().values())
+    assert all(0.9 * 6 * shared < r["bytes_up_extra"] <= 6 * shared * 1.01 + 6 * 4096 for r in rows[:1])
+    assert all(0 < r["bytes_down_extra"] < r["bytes_down"] for r in rows)
