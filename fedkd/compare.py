@@ -329,6 +329,11 @@ def reusable(cfg: Config, run_dir: Path) -> str:
         raise UserError(f"{run_dir} holds a run of a different config; --resume needs the same sims, seeds and --set")
     if (run_dir / SUMMARY).is_file():
         return "done"
+    from fedkd.checkpoint import checkpoints
+
+    if not checkpoints(run_dir) and {p.name for p in run_dir.iterdir()} <= {CONFIG}:
+        (run_dir / CONFIG).unlink()  # killed before its first checkpoint: nothing to keep, start it again
+        return "new"
     return "resume"
 
 

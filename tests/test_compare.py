@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,22 @@ def test_compare_resume_reuses_finished_runs_and_refuses_another_config(tmp_path
     assert "holds a run of a different config" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert main(["compare", str(a), "--resume"]) == 2
+
+
+def test_compare_resume_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
+    a = write_sim(tmp_path / "a.toml")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(a), "--seeds", "2", "--out", str(out)]) == 0
+    seed1 = out / "a" / "seed1"
+    def accs() -> list[float]:
+        return [json.loads(x)["accuracy"] for x in (seed1 / "metrics.jsonl").read_text().splitlines()]
+
+    done = accs()
+    for p in list(seed1.iterdir()):  # what a kill right after the start leaves: the config alone
+        if p.name != "config.toml":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert main(["compare", str(a), "--seeds", "2", "--out", str(out), "--resume"]) == 0
+    assert accs() == done  # run again from the start: the same run
 
 
 def test_top5_and_last5_of_a_curve():
