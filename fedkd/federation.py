@@ -235,6 +235,9 @@ class GroupedStrategy(Strategy):
     #: named in the train and evaluate configs with :meth:`client_rule_params` (LG-FedAvg, FD,
     #: FedProto); "" for none. The per-group bases must then not run rules of their own.
     client_rule: ClassVar[str] = ""
+    #: Attributes holding learned server state (ArrayRecords) that :meth:`state_dict` saves
+    #: under their own names (FD's global logits, FML's shared model).
+    checkpointed: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, federation: Federation, base_factory: BaseFactory, context: ServerContext | None = None) -> None:
         from fedkd.rules import RuleStrategy
@@ -259,16 +262,20 @@ class GroupedStrategy(Strategy):
 
     # --- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Learned server-side state (see :mod:`fedkd.checkpoint`); subclasses extend it."""
-        from fedkd.checkpoint import object_arrays
+        """Learned server-side state (see :mod:`fedkd.checkpoint`): the bases' arrays and the
+        attributes named in :attr:`checkpointed`; subclasses extend it."""
+        from fedkd.checkpoint import object_arrays, to_tree
 
-        return {"bases": {arch: object_arrays(base) for arch, base in self.delegates.items()}}
+        own = {name: to_tree(getattr(self, name)) for name in self.checkpointed}
+        return {"bases": {arch: object_arrays(base) for arch, base in self.delegates.items()}, **own}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from fedkd.checkpoint import load_object_arrays
+        from fedkd.checkpoint import from_tree, load_object_arrays
 
         for arch, base in self.delegates.items():
             load_object_arrays(base, state["bases"][arch])
+        for name in self.checkpointed:
+            setattr(self, name, from_tree(state[name]))
 
     # --- helpers -----------------------------------------------------------------
     def client_models(self, replies: Iterable[Message]) -> list[tuple[FedkdModel, np.ndarray]]:
@@ -312,6 +319,17 @@ class GroupedStrategy(Strategy):
     def client_rule_params(self) -> dict[str, Any]:
         """Keyword arguments of :attr:`client_rule`, sent as ``rule.<param>`` config keys."""
         return {}
+
+    @staticmethod
+    def take_rule_arrays(replies: Iterable[Message]) -> dict[int, ArrayRecord]:
+        """Each non-error reply's ``rule-arrays`` by source node, removed from the reply (the
+        per-group bases, Flower strategies, aggregate exactly one ArrayRecord per reply)."""
+        taken: dict[int, ArrayRecord] = {}
+        for msg in replies:
+            if not msg.has_error() and records.RULE_ARRAYS in msg.content.array_records:
+                taken[msg.metadata.src_node_id] = msg.content.array_records[records.RULE_ARRAYS]
+                del msg.content[records.RULE_ARRAYS]
+        return taken
 
     def accept(self, replies: Iterable[Message]) -> list[Message]:
         """The valid, non-error replies; count and log the rejected ones."""

@@ -44,6 +44,7 @@ class ClassVectorStrategy(GroupedStrategy):
     the clients that have the class, uniformly, and sent back with a ``has`` mask."""
 
     key: ClassVar[str] = ""
+    checkpointed = ("global_logits",)
 
     def __init__(self, *args: Any, base: str = "fedavg", lamda: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -71,11 +72,7 @@ class ClassVectorStrategy(GroupedStrategy):
         replies = list(replies)
         sums: np.ndarray | None = None
         clients: np.ndarray | None = None
-        for msg in replies:  # before the per-group bases, which aggregate exactly one ArrayRecord
-            if msg.has_error() or records.RULE_ARRAYS not in msg.content.array_records:
-                continue
-            rec = msg.content.array_records[records.RULE_ARRAYS]
-            del msg.content[records.RULE_ARRAYS]
+        for rec in self.take_rule_arrays(replies).values():  # before the per-group bases
             if self.key not in rec or "counts" not in rec:
                 continue
             logits, has = rec[self.key].numpy().astype(np.float64), rec["counts"].numpy() > 0
@@ -95,17 +92,6 @@ class ClassVectorStrategy(GroupedStrategy):
             )
             self.round_metrics[f"{self.client_rule}_classes"] = int(have.sum())
         return state, metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        from fedkd.checkpoint import to_tree
-
-        return {**super().state_dict(), "global_logits": to_tree(self.global_logits)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from fedkd.checkpoint import from_tree
-
-        super().load_state_dict(state)
-        self.global_logits = from_tree(state["global_logits"])
 
 
 @STRATEGIES.register("fd")

@@ -89,11 +89,7 @@ class FedGH(GroupedStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        sent: dict[int, ArrayRecord] = {}
-        for msg in replies:  # before the per-group bases, which aggregate exactly one ArrayRecord
-            if not msg.has_error() and records.RULE_ARRAYS in msg.content.array_records:
-                sent[msg.metadata.src_node_id] = msg.content.array_records[records.RULE_ARRAYS]
-                del msg.content[records.RULE_ARRAYS]
+        sent = self.take_rule_arrays(replies)  # before the per-group bases
         state, metrics = super().aggregate_train(server_round, replies)
         if state is None or not self._sent_head:
             return state, metrics

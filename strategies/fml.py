@@ -51,6 +51,7 @@ class SharedModelStrategy(GroupedStrategy):
     way out (:meth:`outgoing`)."""
 
     client_rule: ClassVar[str] = ""
+    checkpointed = ("shared",)
 
     def __init__(self, *args: Any, base: str = "fedavg", shared: str = "", clip: float = 10.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -90,19 +91,16 @@ class SharedModelStrategy(GroupedStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        sent: dict[int, ArrayRecord] = {}
-        for msg in replies:  # before the per-group bases, which aggregate exactly one ArrayRecord
-            if not msg.has_error() and records.RULE_ARRAYS in msg.content.array_records:
-                sent[msg.metadata.src_node_id] = msg.content.array_records[records.RULE_ARRAYS]
-                del msg.content[records.RULE_ARRAYS]
+        sent = self.take_rule_arrays(replies)  # before the per-group bases
         state, metrics = super().aggregate_train(server_round, replies)
         spec = {k: v.numpy() for k, v in self.shared.items()}
         total: dict[str, np.ndarray] = {}
-        weight = 0.0
+        weight, replied = 0.0, 0  # replied: accepted replies that sent a shared model
         for msg in self.accepted:
             rec = sent.get(msg.metadata.src_node_id)
             if rec is None:
                 continue
+            replied += 1
             got = {k: v.numpy() for k, v in recover_svd({k: torch.from_numpy(v.numpy()) for k, v in rec.items()}).items()}
             if set(got) != set(spec) or any(got[k].shape != spec[k].shape or not np.isfinite(got[k]).all() for k in spec):
                 log.warning("%s: node %s sent a shared model that does not fit; ignored",
@@ -117,24 +115,13 @@ class SharedModelStrategy(GroupedStrategy):
                 {k: Array((total[k] / weight).round().astype(v.dtype) if v.dtype.kind in "iu" else
                           (total[k] / weight).astype(v.dtype)) for k, v in spec.items()}  # fmt: skip
             )
-            self.round_metrics[f"{self.client_rule}_shared_clients"] = len([m for m in self.accepted if m.metadata.src_node_id in sent])
+            self.round_metrics[f"{self.client_rule}_shared_clients"] = replied
         if self.context is not None and self.context.evaluate is not None:
             model = self.context.build(self.shared_arch)
             records.load_record(model, self.shared)
             loss, acc = self.context.evaluate(model)
             self.round_metrics["shared_loss"], self.round_metrics["shared_accuracy"] = loss, acc
         return state, metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        from fedkd.checkpoint import to_tree
-
-        return {**super().state_dict(), "shared": to_tree(self.shared)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from fedkd.checkpoint import from_tree
-
-        super().load_state_dict(state)
-        self.shared = from_tree(state["shared"])
 
 
 @STRATEGIES.register("fml")
