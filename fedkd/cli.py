@@ -371,8 +371,9 @@ def cmd_dfkd(args: argparse.Namespace) -> int:
         run_dir = create_run_dir(args.out or default_out(sim or "dfkd"))
         write_atomic(run_dir / "config.toml", cfg.to_toml())
     epochs, teacher_epochs = cfg.int("dfkd.epochs"), cfg.int("dfkd.teacher-epochs")
+    bn = " + bn (BatchNorm teacher, dfkd.bn-auto)" if plan.bn_auto else ""
     OUT.say(f"fedkd dfkd: {cfg.str('dfkd.teacher')} -> {cfg.str('dfkd.student')} on {cfg.str('dataset.name')}, "
-            f"preset {cfg.str('synthesis.preset')}, rule {cfg.str('distill.rule')}, {plan.device} -> {run_dir}",
+            f"preset {cfg.str('synthesis.preset')}{bn}, rule {cfg.str('distill.rule')}, {plan.device} -> {run_dir}",
             {"event": "start", "run_dir": str(run_dir), "device": str(plan.device)})  # fmt: skip
     t_teacher = time.perf_counter()
 

@@ -122,6 +122,7 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("dfkd.collapse-diversity", 0.1, "Warn of generator collapse when the probe batch's mean pairwise distance falls under this fraction of a real test batch's (0: never).",
         check=_nonneg, requirement="≥ 0"),  # fmt: skip
     Key("dfkd.warmup-epochs", 0, "Epochs at the start of `fedkd dfkd` that synthesize without training the student (Fast-DFKD: 20); the schedule starts after them.", check=_nonneg, requirement="≥ 0"),
+    Key("dfkd.bn-auto", True, "A teacher with BatchNorm layers gets DeepInversion's BN-statistics term (bn = 1) when synthesis.preset and synthesis.weights leave it out (without it DFAD collapses on resnet8 / mobilenetv2 teachers: sims/README.md); synthesis.weights=bn=0 or dfkd.bn-auto=false turns it off."),
     Key("dfkd.threads", 0, "torch CPU threads of `fedkd dfkd` (0: torch's default; 1 is fastest on shared cores).", check=_nonneg, requirement="≥ 0"),
     Key("generator.name", "image", "Registered generator; its parameters are generator.<name>.<param>."),
     Key("synthesizer.name", "generator", "How `fedkd dfkd` makes pseudo-samples: generator (one generator trained all run, fresh samples per student step) fast (Fast-DFKD: a meta-learned generator initialization, a few inversion steps per batch, the student trained on a pool of every batch) or cmi (contrastive model inversion: a re-initialized generator per batch, a contrastive term against earlier batches, the same pool).",

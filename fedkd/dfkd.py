@@ -43,7 +43,7 @@ from fedkd.distill import MemoryBuffer, StudentUpdater, build_rule, kd_loss
 from fedkd.errors import ConfigError, UserError
 from fedkd.models import MODELS, FedkdModel, build_model
 from fedkd.results import SUMMARY, RunRecorder, check_tensorboard, save_axes, write_atomic
-from fedkd.synthesis import PRESETS, SYNTHESIZERS, build_generator, make_objective
+from fedkd.synthesis import PRESETS, SYNTHESIZERS, Objective, bn_layers, build_generator, make_objective
 from fedkd.train import LocalTrainConfig, derive_seed, evaluate, resolve_device, train_local
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class DFKDPlan:
     updater : StudentUpdater
     checkpoint : Path or None
         The explicit teacher checkpoint, if any.
+    bn_auto : bool
+        Whether ``dfkd.bn-auto`` added the BN-statistics term to the objective.
     """
 
     cfg: Config
@@ -81,6 +83,7 @@ class DFKDPlan:
     synthesizer: Any
     updater: StudentUpdater
     checkpoint: Path | None
+    bn_auto: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ def prepare(cfg: Config) -> DFKDPlan:
         cfg.str("synthesis.adv-metric"),
         cfg.float("synthesis.temperature"),
     )
+    bn_added = bn_auto(cfg, objective, teacher)
+    if bn_added:
+        objective = objective.with_weights({"bn": 1.0})
 
     rule_name = cfg.str("distill.rule")
     rule = build_rule(
@@ -184,7 +190,13 @@ def prepare(cfg: Config) -> DFKDPlan:
         cfg.int("dfkd.warmup-epochs") * cfg.int("dfkd.iterations"), **cfg.plugin_kwargs("synthesizer", sname),
     )  # fmt: skip
     synthesizer.check(teacher, student)
-    return DFKDPlan(cfg, ds, device, teacher, student, synthesizer, updater, checkpoint)
+    return DFKDPlan(cfg, ds, device, teacher, student, synthesizer, updater, checkpoint, bn_added)
+
+
+def bn_auto(cfg: Config, objective: Objective, teacher: nn.Module) -> bool:
+    """Whether ``dfkd.bn-auto`` adds the BN-statistics term: on, a BatchNorm teacher, and neither the
+    preset nor ``synthesis.weights`` names ``bn`` (an explicit ``bn=0`` keeps it off)."""
+    return cfg.bool("dfkd.bn-auto") and "bn" not in objective.weights and bool(bn_layers(teacher))
 
 
 # --------------------------------------------------------------------------- teacher checkpoints
@@ -479,6 +491,8 @@ def distill(
         "mean_accuracy_second_half": float(tail.mean()),
         "var_accuracy_second_half": float(tail.var()),
         "final_over_teacher": float(accs[-1] / teacher.accuracy) if teacher.accuracy > 0 else None,
+        "generator_terms": plan.synthesizer.objective.active,
+        "bn_auto": plan.bn_auto,
         "collapse_epochs": sum(bool(r.get("collapse")) for r in recorder.rows),
         "final_class_entropy": recorder.rows[-1].get("class_entropy"),
         "final_diversity": recorder.rows[-1].get("diversity"),

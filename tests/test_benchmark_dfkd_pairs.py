@@ -28,6 +28,20 @@ def test_two_pairs_tabulate_and_rerun_reuses(tmp_path: Path) -> None:
     assert len(list((tmp_path / "pairs" / "teachers").glob("teacher-*.pt"))) == 2
     again = _run(tmp_path, "--pairs", pairs)
     assert again.returncode == 0 and "seed 0: teacher" not in again.stdout and "  dfad " not in again.stdout
+    one = _run(tmp_path, "--pairs", "digits:resnet8:mlp")
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "| digits | lenet5 | lenet5-half | 1 |" in (tmp_path / "pairs" / "dfad.md").read_text(), (
+        "a run on one pair keeps the other finished pairs' rows")
+    check = SCRIPT.with_name("dfkd_sample_check.py")
+    run_dir = tmp_path / "pairs" / "dfad" / "digits-resnet8-mlp" / "seed0"
+    before = {f.name: f.stat().st_mtime_ns for f in run_dir.iterdir()}
+    proc = subprocess.run([sys.executable, str(check), str(run_dir), "--steps", "4"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "real   final test acc" in proc.stdout and "frozen final test acc" in proc.stdout
+    assert {f.name: f.stat().st_mtime_ns for f in run_dir.iterdir()} == before, "the check writes nothing"
+    bad = subprocess.run([sys.executable, str(check), str(tmp_path), "--steps", "4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "config.toml" in bad.stderr
     fast = _run(tmp_path, "--pairs", pairs, "--method", "fast")
     assert fast.returncode == 0, fast.stdout + fast.stderr
     assert "skipping digits:lenet5:lenet5-half" in fast.stdout

@@ -301,3 +301,32 @@ def test_kill_9_then_resume_gives_the_uninterrupted_metrics(tmp_path: Path) -> N
     ]
     again = subprocess.run([*fedkd, "--resume", str(cut)], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and "already finished" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("teacher", "extra", "expect_bn"),
+    [
+        ("resnet8", [], True),  # a BatchNorm teacher under the default dfad preset: the BN term is added
+        ("resnet8", ["dfkd.bn-auto=false"], False),
+        ("resnet8", ["synthesis.weights=bn=0"], False),  # an explicit weight is kept
+        ("resnet8", ["synthesis.weights=bn=3"], False),  # named by the user: not "added", weight kept
+        ("lenet5", [], False),  # no BatchNorm layer: nothing to match
+    ],
+)
+def test_bn_auto_adds_the_bn_term_for_batchnorm_teachers(teacher: str, extra: list[str], expect_bn: bool) -> None:
+    from fedkd.dfkd import prepare
+
+    plan = prepare(load_config(None, [*FAST, f"dfkd.teacher={teacher}", *extra]))
+    active = plan.synthesizer.objective.active
+    assert plan.bn_auto is expect_bn
+    assert active.get("bn", 0.0) == (1.0 if expect_bn else 3.0 if "synthesis.weights=bn=3" in extra else 0.0)
+    assert active["adv"] == 1.0  # the preset's own terms are untouched
+
+
+def test_bn_auto_is_in_the_start_line_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _dfkd(tmp_path / "r", "--set", "dfkd.teacher=resnet8", "--set", "dfkd.teacher-epochs=1") == 0
+    assert "+ bn (BatchNorm teacher, dfkd.bn-auto)" in capsys.readouterr().out.splitlines()[0]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["bn_auto"] is True and summary["generator_terms"] == {"bn": 1.0, "adv": 1.0}
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["g_bn"] > 0 for r in rows)  # the term really enters the generator loss
