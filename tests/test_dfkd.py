@@ -206,11 +206,11 @@ def test_shipped_sims_are_valid_documented_and_run(tmp_path: Path, sim: str) -> 
     text = path.read_text()
     assert text.startswith("#") and f"fedkd dfkd sims/{sim}" in text.split("\n\n")[0], "header comment with the command"
     cfg = load_config(path)
-    assert (
-        cfg.str("dataset.name") == "mnist5k"
-        and cfg.str("dfkd.teacher") == "lenet5"
-        and cfg.str("dfkd.student") == "lenet5-half"
-    )
+    # the BatchNorm-teacher recipe: the matrix's hardest pair, with the BN term named (not left to dfkd.bn-auto)
+    pair = ("resnet8", "mlp") if sim == "dfkd-mnist5k-bn-teacher.toml" else ("lenet5", "lenet5-half")
+    assert cfg.str("dataset.name") == "mnist5k" and (cfg.str("dfkd.teacher"), cfg.str("dfkd.student")) == pair
+    if sim == "dfkd-mnist5k-bn-teacher.toml":
+        assert cfg.str("synthesis.weights") == "bn=1" and cfg.float("synthesis.lr") == 1e-2
     assert set(tomllib.loads(text)) <= {"dfkd", "synthesis", "distill", "generator", "dataset", "seed", "device"}
     # end to end on the real config, shrunk to one iteration
     tiny = ["dfkd.epochs=1", "dfkd.iterations=1", "dfkd.teacher-epochs=1", "distill.steps=1", "synthesis.batch-size=16"]
