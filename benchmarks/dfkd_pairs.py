@@ -29,6 +29,7 @@ import io
 import json
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,6 @@ def run_one(method: str, ds: str, teacher: str, student: str, seed: int, out: Pa
 
 def finished(out: Path, method: str) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
     """Every finished run of ``method`` under ``out``, by pair (the matrix's order, then any other pair), by seed."""
-    import tomllib
-
     found: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
     for summary in sorted((out / method).glob("*/seed*/summary.json")):
         cfg = tomllib.loads((summary.parent / "config.toml").read_text(encoding="utf-8"))
@@ -242,14 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         if skipped:
             print(f"{args.method} needs a BatchNorm teacher; skipping {', '.join(':'.join(x) for x in skipped)}")
         out = Path(args.out)
-        results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         md = ""
         for pair in pairs:
             for seed in range(args.seeds):
                 done = out / args.method / "-".join(pair) / f"seed{seed}" / "summary.json"
                 if args.no_run and not done.is_file():
                     continue
-                results.setdefault(pair, []).append(run_one(args.method, *pair, seed, out, args.set))
+                run_one(args.method, *pair, seed, out, args.set)
                 # rewritten after every run (partial tables survive), over every finished run of the method in
                 # --out, so a run on a few pairs or seeds does not drop the other rows
                 md, text = table(args.method, finished(out, args.method))

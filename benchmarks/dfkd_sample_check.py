@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedkd import checkpoint as ckpt  # noqa: E402
 from fedkd import dfkd  # noqa: E402
 from fedkd.config import load_config  # noqa: E402
-from fedkd.distill import kd_loss  # noqa: E402
 from fedkd.errors import UserError  # noqa: E402
 from fedkd.train import evaluate  # noqa: E402
 
@@ -51,7 +50,7 @@ def check(run_dir: Path, steps: int, sources: list[str]) -> str:
         raise UserError(f"{run_dir}: its teacher is not in the cache any more (this check would train another)")
     plan.synthesizer.load_state_dict(ckpt.read(points[-1])["synthesizer"])
     ds, teacher, dev = plan.dataset, plan.teacher, plan.device
-    loss_fn = kd_loss(cfg.str("distill.loss"), cfg.float("distill.temperature"), cfg.str("distill.loss-reduction"))
+    loss_fn = plan.updater.loss_fn  # the run's KD loss
     bs, eval_bs = cfg.int("synthesis.batch-size"), cfg.int("eval.batch-size")
     init = {k: v.clone() for k, v in plan.student.state_dict().items()}
     lines = [f"run {run_dir}: teacher {cfg.str('dfkd.teacher')} {info.accuracy:.4f}, student {cfg.str('dfkd.student')}, "
@@ -60,8 +59,7 @@ def check(run_dir: Path, steps: int, sources: list[str]) -> str:
         student = plan.student
         student.load_state_dict(init)
         student.train()
-        opt = torch.optim.SGD(student.parameters(), lr=cfg.float("distill.lr"), momentum=cfg.float("distill.momentum"),
-                              weight_decay=cfg.float("distill.weight-decay"))  # fmt: skip
+        opt = dfkd.student_optimizer(cfg, student)
         rng = torch.Generator().manual_seed(cfg.int("seed"))
         draw = plan.synthesizer.source("train")
         for step in range(1, steps + 1):

@@ -193,6 +193,12 @@ def prepare(cfg: Config) -> DFKDPlan:
     return DFKDPlan(cfg, ds, device, teacher, student, synthesizer, updater, checkpoint, bn_added)
 
 
+def student_optimizer(cfg: Config, student: nn.Module) -> torch.optim.SGD:
+    """The student's SGD: ``distill.lr``, ``distill.momentum``, ``distill.weight-decay``."""
+    return torch.optim.SGD(student.parameters(), lr=cfg.float("distill.lr"), momentum=cfg.float("distill.momentum"),
+                           weight_decay=cfg.float("distill.weight-decay"))  # fmt: skip
+
+
 def bn_auto(cfg: Config, objective: Objective, teacher: nn.Module) -> bool:
     """Whether ``dfkd.bn-auto`` adds the BN-statistics term: on, a BatchNorm teacher, and neither the
     preset nor ``synthesis.weights`` names ``bn`` (an explicit ``bn=0`` keeps it off)."""
@@ -403,8 +409,7 @@ def distill(
     cfg, ds, device = plan.cfg, plan.dataset, plan.device
     started = time.perf_counter() if started is None else started
     student, synth, updater = plan.student, plan.synthesizer, plan.updater
-    opt = torch.optim.SGD(student.parameters(), lr=cfg.float("distill.lr"), momentum=cfg.float("distill.momentum"),
-                          weight_decay=cfg.float("distill.weight-decay"))  # fmt: skip
+    opt = student_optimizer(cfg, student)
     source = synth.source()
     epochs, iterations, steps = cfg.int("dfkd.epochs"), cfg.int("dfkd.iterations"), cfg.int("distill.steps")
     push_epochs, warmup = cfg.int("distill.memory-push-epochs"), cfg.int("dfkd.warmup-epochs")
