@@ -37,7 +37,7 @@ Distillation building blocks (:mod:`fedkd.distill`, :mod:`fedkd.synthesis`, :mod
         ``state_dict()`` / ``load_state_dict()``.
     :class:`Synthesizer`, :func:`build_generator`, :data:`GENERATORS`, :data:`PRESETS`, :class:`Objective`
         A generator trained against a teacher on named loss terms (``oh``, ``ie``, ``act``,
-        ``bn``, ``adv``, ``div``); presets are named weightings (``PRESETS.add``).
+        ``bn``, ``adv``, ``div``, ``tv``); presets are named weightings (``PRESETS.add``).
     :class:`EnsembleTeacher`
         Client models as one teacher (uniform or class-level weights, logits or probabilities).
     :class:`StudentUpdater`, :data:`UPDATE_RULES`, :class:`UpdateRule`, :class:`MemoryBuffer`, :func:`kd_loss`

@@ -128,7 +128,7 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("synthesizer.name", "generator", "How `fedkd dfkd` makes pseudo-samples: generator (one generator trained all run, fresh samples per student step) fast (Fast-DFKD: a meta-learned generator initialization, a few inversion steps per batch, the student trained on a pool of every batch) or cmi (contrastive model inversion: a re-initialized generator per batch, a contrastive term against earlier batches, the same pool).",
         choices=("generator", "fast", "cmi")),  # fmt: skip
     Key("synthesis.preset", "dfad", "Generator objective preset: dafl, dfad, adi, lra (PAPERS.md), lra-official (LRA's code: ie in log10, adv js-lra), fast (Fast-DFKD: bn 10, oh 0.5, adv kl-masked 1.33), none (no term) or one a strategy registers."),
-    Key("synthesis.weights", "", "Term weight overrides on top of the preset, e.g. 'adv=1,div=0.5' (terms: oh, ie, act, bn, adv, div)."),
+    Key("synthesis.weights", "", "Term weight overrides on top of the preset, e.g. 'adv=1,div=0.5' (terms: oh, ie, act, bn, adv, div, tv)."),
     Key("synthesis.adv-metric", "preset", "Disagreement of the adv term: l1 (DFAD), js (1 − JS in nats, batch mean), js-lra (the official LRA code's 1 − JS: clamped probabilities, KL(m‖·), mean over batch × classes), kl-masked (−KL(t‖s) where s and t agree: Fast-DFKD, CMI) or the preset's.",
         choices=("preset", "l1", "js", "js-lra", "kl-masked")),  # fmt: skip
     Key("synthesis.temperature", 3.0, "Temperature of the JS adv term.", check=_pos, requirement="> 0"),

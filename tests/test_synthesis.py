@@ -24,6 +24,7 @@ from fedkd.synthesis import (
     make_objective,
     oh_loss,
     parse_weights,
+    tv_loss,
 )
 
 # --------------------------------------------------------------------------- term fixtures
@@ -78,6 +79,33 @@ def test_div_is_bounded_on_a_collapsing_generator() -> None:
         v = div_loss(x, z).item()
         assert 0.0 <= v <= 1.0
     assert div_loss(torch.zeros(64, 1, 8, 8), z).item() == pytest.approx(1.0)
+
+
+def test_tv_is_deepinversions_l2_prior_over_the_batch() -> None:
+    x = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])  # right: √2, down: 0, the two diagonals: 1 each
+    assert tv_loss(x).item() == pytest.approx(math.sqrt(2) + 2, abs=1e-6)
+    # one norm over the whole batch (the official reduction): 4 copies give 2x, not 4x or 1x
+    assert tv_loss(x.repeat(4, 1, 1, 1)).item() == pytest.approx(2 * (math.sqrt(2) + 2), abs=1e-5)
+    assert tv_loss(torch.full((3, 2, 5, 5), 0.7)).item() == pytest.approx(0.0, abs=1e-6)
+    # each direction counts: the transpose has the same value, a checkerboard is the worst
+    assert tv_loss(x.transpose(2, 3)).item() == pytest.approx(tv_loss(x).item(), abs=1e-6)
+    board = (torch.arange(16).view(4, 4) % 2 + torch.arange(16).view(4, 4) // 4 % 2) % 2
+    smooth = torch.linspace(0, 1, 16).view(1, 1, 4, 4)
+    assert tv_loss(board.float().view(1, 1, 4, 4)).item() > tv_loss(smooth).item()
+    with pytest.raises(ConfigError, match="'tv' needs image samples"):
+        tv_loss(torch.zeros(4, 16))
+
+
+def test_tv_steps_smooth_the_generators_samples() -> None:
+    torch.manual_seed(0)
+    gen = build_generator("image", (1, 8, 8), 10, latent_dim=8, base_channels=4)
+    synth = Synthesizer(gen, make_objective("none", "tv=1"), batch_size=16, lr=1e-2, seed=0)
+    teacher = build_model("lenet5", (1, 8, 8), 10).eval()
+    synth.check(teacher)
+    first = synth.step(teacher)["g_tv"]
+    for _ in range(30):
+        last = synth.step(teacher)["g_tv"]
+    assert last < 0.5 * first
 
 
 def test_bn_statistics_fixture_and_hooks_are_removed() -> None:
@@ -166,6 +194,14 @@ def test_step_logs_every_active_term_and_only_moves_the_generator(preset: str) -
     assert all(p.grad is None for p in (*teacher.parameters(), *student.parameters()))
 
 
+def test_tv_joins_a_preset_and_is_logged() -> None:
+    synth, teacher, student = _setup("dfad", weights="tv=1e-3")
+    synth.check(teacher, student)
+    stats = synth.step(teacher, student)
+    assert set(stats) == {"g_loss", "g_adv", "g_tv"} and stats["g_tv"] > 0
+    assert stats["g_loss"] == pytest.approx(stats["g_adv"] + 1e-3 * stats["g_tv"], rel=1e-5, abs=1e-6)
+
+
 def test_zero_weight_skips_the_term() -> None:
     synth, teacher, _ = _setup("lra", weights="adv=0")
     stats = synth.step(teacher, _Forbidden())
@@ -211,6 +247,8 @@ def test_feature_space_synthesis_with_an_ensemble_of_heads_fedgen_style() -> Non
     assert x.shape == (64, 16) and y is not None and set(y.tolist()) <= {0, 1, 2, 3}
     with pytest.raises(ConfigError, match="'act' needs a teacher with features"):
         Synthesizer(gen, make_objective("dafl"), batch_size=4).check(teacher)
+    with pytest.raises(ConfigError, match="'tv' needs a generator of images"):
+        Synthesizer(gen, make_objective("none", "oh=1,tv=1"), batch_size=4).check(teacher)
 
 
 def test_label_prior_and_seeded_sampling() -> None:
