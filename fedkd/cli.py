@@ -205,7 +205,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     OUT.say(
         f"done in {time.perf_counter() - t:.1f}s: final accuracy {_num(summary['final_accuracy'])}, "
-        f"best {_num(summary['best_accuracy'])}; results in {run_dir}",
+        f"best {_num(summary['best_accuracy'])}"
+        + (f", per client {_num(summary['final_client_accuracy'])}" if summary.get("final_client_accuracy") is not None
+           else "")
+        + f"; results in {run_dir}",
         {"event": "done", "run_dir": str(run_dir), **summary},
         final=True,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -136,12 +136,41 @@ def partition_id(context: Context) -> int:
     return int(pid)
 
 
-def client_model(cfg: Config, pid: int) -> FedkdModel:
-    """A fresh model of this client's architecture."""
+def client_model(cfg: Config, pid: int, init_seed: int | None = None) -> FedkdModel:
+    """A fresh model of this client's architecture; with ``init_seed``, its group's initial
+    model exactly as the server built it (:func:`fedkd.train.group_init_seed`), the global
+    RNG left as it was."""
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
     arch = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))[pid]
     fd = cfg.int("model.feature-dim") or None
-    return build_model(arch, ds.shape, ds.num_classes, fd)
+    if init_seed is None:
+        return build_model(arch, ds.shape, ds.num_classes, fd)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return build_model(arch, ds.shape, ds.num_classes, fd)
+
+
+def kept_names(conf: ConfigRecord, model: FedkdModel) -> list[str]:
+    """The entries of ``model`` this client keeps as its own, which never travel: its
+    personalizing rule's :meth:`~fedkd.train.PersonalRule.local_names`, when the server says
+    they stay local (it sends the group's ``init-seed`` instead of them)."""
+    name = str(conf.get(records.RULE, "") or "")
+    if records.INIT_SEED not in conf or not name:
+        return []
+    cls = LOCAL_RULES.get(name)
+    return list(cls.local_names(model)) if issubclass(cls, PersonalRule) else []
+
+
+def received_model(msg: Message, cfg: Config, pid: int) -> tuple[FedkdModel, list[str]]:
+    """This client's model with the message's weights, and the names it keeps as its own (those
+    the message leaves out start at the group's initial values; a personalizing rule then
+    replaces them by the client's saved copy)."""
+    conf = msg.content.config_records[records.CONFIG]
+    seed = conf.get(records.INIT_SEED)
+    model = client_model(cfg, pid, None if seed is None else int(seed))  # type: ignore[arg-type]
+    kept = kept_names(conf, model)
+    records.load_record(model, msg.content.array_records[records.ARRAYS], kept)
+    return model, kept
 
 
 def fedgen_regularizer(msg: Message, model: FedkdModel, seed: int) -> FedGenRegularizer | None:
@@ -254,6 +283,7 @@ class TrainJob:
     store: ClientState | None = None  # where a stateful rule's state is kept
     state_from: int = 0  # the round of the state the rule started from (0: none)
     clip: tuple[float, list[Any]] | None = None  # DP clipping norm and the received arrays (strategies/dp.py)
+    kept: list[str] = field(default_factory=list)  # the client's own entries, left out of the reply
 
 
 def prepare_train(msg: Message, context: Context) -> TrainJob:
@@ -267,8 +297,7 @@ def prepare_train(msg: Message, context: Context) -> TrainJob:
         raise RuntimeError(f"simulated crash of partition {pid} in round {server_round} (faults.crash-rate)")
     x, y, counts = client_partition(cfg, pid)
     device = client_device(cfg, context.node_config)
-    model = client_model(cfg, pid)
-    records.load_record(model, msg.content.array_records[records.ARRAYS])
+    model, kept = received_model(msg, cfg, pid)
     model.to(device)
     if fault.malicious and faults.label_flip:
         y = F.flip_labels(y, model.num_classes)
@@ -280,7 +309,7 @@ def prepare_train(msg: Message, context: Context) -> TrainJob:
     clip = None
     if KEY_CLIPPING_NORM in conf:  # a client-side DP wrapper asks for the update clipped
         clip = (float(conf[KEY_CLIPPING_NORM]), msg.content.array_records[records.ARRAYS].to_numpy_ndarrays())  # type: ignore[arg-type]
-    return TrainJob(msg, client, counts, faults, fault, start, server_round, store, since, clip)
+    return TrainJob(msg, client, counts, faults, fault, start, server_round, store, since, clip, kept)
 
 
 def run_train(job: TrainJob) -> float:
@@ -307,7 +336,7 @@ def finish_train(job: TrainJob, loss: float) -> Message:
         F.poison_nan(model)
     if fault.straggle:
         time.sleep(faults.straggler_delay)
-    arrays[records.ARRAYS] = records.to_record(model)
+    arrays[records.ARRAYS] = records.without(records.to_record(model), job.kept)
     if job.clip is not None:  # what Flower's fixedclipping_mod / adaptiveclipping_mod do to the reply
         norm, received = job.clip
         sent = arrays[records.ARRAYS]
@@ -339,8 +368,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     cfg, pid = _setup(msg, context)
     split = client_test_split(cfg, pid)
     x, y = split if split is not None else client_partition(cfg, pid)[:2]
-    model = client_model(cfg, pid)
-    records.load_record(model, msg.content.array_records[records.ARRAYS])
+    model, _ = received_model(msg, cfg, pid)
     conf = msg.content.config_records[records.CONFIG]
     rule = LOCAL_RULES.get(str(conf[records.RULE])) if conf.get(records.RULE) else None
     if rule is not None and issubclass(rule, PersonalRule):  # the client's own parts (FedBN, FedPer, FedRep)

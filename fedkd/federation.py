@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from fedkd import records
 from fedkd.errors import ConfigError
 from fedkd.models import MODELS, FedkdModel, build_model
-from fedkd.train import derive_seed
+from fedkd.train import derive_seed, group_init_seed
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,9 @@ class GroupedStrategy(Strategy):
     #: Attributes holding learned server state (ArrayRecords) that :meth:`state_dict` saves
     #: under their own names (FD's global logits, FML's shared model).
     checkpointed: ClassVar[tuple[str, ...]] = ()
+    #: Whether the server rebuilds the clients' models from their replies (:meth:`client_models`:
+    #: an ensemble teacher); such a strategy refuses a base whose clients keep parts of theirs.
+    uses_client_models: ClassVar[bool] = False
 
     def __init__(self, federation: Federation, base_factory: BaseFactory, context: ServerContext | None = None) -> None:
         from fedkd.rules import RuleStrategy
@@ -259,6 +262,14 @@ class GroupedStrategy(Strategy):
         #: The train replies of the last round that passed validation, by partition id.
         self.accepted: list[Message] = []
         self._specs: dict[str, ArrayRecord] = {}
+        self._kept: dict[str, list[str]] = {}
+        if self.uses_client_models:
+            for arch, base in self.delegates.items():
+                if self.kept_names(arch):
+                    raise ConfigError(
+                        f"{type(self).__name__} builds its teacher from the clients' whole models, but the clients of "
+                        f"its base {type(base).__name__} keep part of theirs (it never leaves them); use another base"
+                    )
 
     # --- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -309,6 +320,10 @@ class GroupedStrategy(Strategy):
             random.seed(derive_seed(self.federation.seed, server_round, i, len(hook)))
             sub = records.unpack(arrays, arch)
             cfg = ConfigRecord(dict(config))  # bases add keys (e.g. FedProx's proximal-mu)
+            kept = self.kept_names(arch)
+            if kept:  # the clients' own parts stay on the clients: what a client lacks, it rebuilds
+                sub = records.without(sub, kept)
+                cfg[records.INIT_SEED] = group_init_seed(self.federation.seed, self.federation.groups.index(arch))
             if self.client_rule:
                 cfg[records.RULE] = self.client_rule
                 for k, v in self.client_rule_params().items():
@@ -319,6 +334,23 @@ class GroupedStrategy(Strategy):
     def client_rule_params(self) -> dict[str, Any]:
         """Keyword arguments of :attr:`client_rule`, sent as ``rule.<param>`` config keys."""
         return {}
+
+    def kept_names(self, arch: str) -> list[str]:
+        """The state-dict entries of group ``arch`` that its clients keep as their own
+        (:meth:`fedkd.train.PersonalRule.local_names` of the group's rule: FedBN's BatchNorm
+        layers, FedPer's head, FD's whole model): they never travel, either way. Empty for a
+        rule that keeps nothing, and without a :class:`ServerContext` (no model to name them)."""
+        if arch not in self._kept:
+            from fedkd.train import LOCAL_RULES, PersonalRule
+
+            name = self.client_rule or str(getattr(self.delegates.get(arch), "rule", "") or "")
+            names: list[str] = []
+            if name and self.context is not None:
+                cls = LOCAL_RULES.get(name)
+                if issubclass(cls, PersonalRule):
+                    names = list(cls.local_names(self.context.build(arch)))
+            self._kept[arch] = names
+        return self._kept[arch]
 
     @staticmethod
     def take_rule_arrays(replies: Iterable[Message]) -> dict[int, ArrayRecord]:
@@ -348,7 +380,10 @@ class GroupedStrategy(Strategy):
             why = (
                 "unknown node"
                 if arch is None
-                else check_reply(msg, records.unpack(self.current, arch), num_classes, bound, self._spec(arch))
+                else check_reply(
+                    msg, records.without(records.unpack(self.current, arch), self.kept_names(arch)), num_classes,
+                    bound, self._spec(arch),
+                )
             )
             if why is None:
                 ok.append(msg)
@@ -364,7 +399,7 @@ class GroupedStrategy(Strategy):
         if self.context is None:
             return None
         if arch not in self._specs:
-            self._specs[arch] = records.to_record(self.context.build(arch))
+            self._specs[arch] = records.without(records.to_record(self.context.build(arch)), self.kept_names(arch))
         return self._specs[arch]
 
     def _by_group(self, replies: Iterable[Message]) -> dict[str, list[Message]]:
@@ -429,8 +464,8 @@ class GroupedStrategy(Strategy):
             sub = records.unpack(self.current, arch)
             if arch in self.delegates and by_group.get(arch):
                 new, metrics = self.delegates[arch].aggregate_train(server_round, by_group[arch])
-                if new is not None:
-                    sub = new
+                if new is not None:  # the clients' own parts (never sent) keep the server's values
+                    sub = ArrayRecord({k: new[k] if k in new else v for k, v in sub.items()}) if self.kept_names(arch) else new
                 if metrics is not None:
                     parts.append((metrics, self._examples(by_group[arch])))
             groups[arch] = sub

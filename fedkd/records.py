@@ -30,6 +30,7 @@ ENGINE = "fedkd-engine"  # node-config key the local engine sets ("local")
 RULE = "rule"  # CONFIG key: the local-training rule of the strategy (fedkd.train.LOCAL_RULES); params "rule.<p>"
 RULE_ARRAYS = "rule-arrays"  # ArrayRecord of a rule, both ways (SCAFFOLD: c down, Δc_i up)
 STATE_DIR = "fedkd.state-dir"  # CONFIG key: where clients keep their state (fedkd.client_state)
+INIT_SEED = "init-seed"  # CONFIG key: the seed of the group's initial model; set when a client's own parts stay local
 STATE_FROM = "state-from"  # reply metric of a stateful rule: the round its state was saved in (0: fresh)
 
 SEP = "/"
@@ -63,10 +64,28 @@ def to_record(module: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in module.state_dict().items()})
 
 
-def load_record(module: torch.nn.Module, record: ArrayRecord) -> None:
-    """Load an ArrayRecord into ``module`` (strict: names and shapes must match)."""
+def load_record(module: torch.nn.Module, record: ArrayRecord, kept: Iterable[str] = ()) -> None:
+    """Load an ArrayRecord into ``module`` (strict: names and shapes must match).
+
+    ``kept``: entries the record may leave out (a client's own parts, which never travel);
+    ``module`` keeps its values for those. Any other missing or unexpected name is an error.
+    """
     sd = {k: torch.from_numpy(v.numpy()) for k, v in record.items()}
-    module.load_state_dict(sd, strict=True)
+    kept = set(kept)
+    if not kept:
+        module.load_state_dict(sd, strict=True)
+        return
+    missing = [k for k in module.state_dict() if k not in sd and k not in kept]
+    unexpected = [k for k in sd if k in kept]
+    if missing or unexpected:
+        raise RuntimeError(f"record does not fit the model: missing {missing[:3]}, unexpected local {unexpected[:3]}")
+    module.load_state_dict(sd, strict=False)
+
+
+def without(record: ArrayRecord, names: Iterable[str]) -> ArrayRecord:
+    """``record`` less the entries in ``names`` (a client's own parts), in its order."""
+    drop = set(names)
+    return ArrayRecord({k: v for k, v in record.items() if k not in drop}) if drop else record
 
 
 def nbytes(records: Iterable[ArrayRecord]) -> int:
@@ -84,7 +103,7 @@ def message_array_bytes(msg: Message) -> int:
 def message_extra_bytes(msg: Message) -> int:
     """Bytes of the arrays a message carries beyond the model weights (``arrays``): a
     generator, per-class logits, prototypes, a shared model. For a method whose clients keep
-    their own models (FD, FedProto, FML, FedKD) this is its whole traffic after the first round."""
+    their own models (FD, FedProto, FML, FedKD) this is its whole traffic."""
     if not msg.has_content():
         return 0
     return nbytes(rec for name, rec in msg.content.array_records.items() if name != ARRAYS)

@@ -40,7 +40,7 @@ from fedkd.errors import ConfigError, UserError
 from fedkd.federation import Federation, ServerContext, build_strategy, default_global_arch, parse_architectures
 from fedkd.models import FedkdModel, build_model
 from fedkd.results import RunRecorder, create_run_dir, run_title, write_atomic
-from fedkd.train import derive_seed, evaluate, resolve_device
+from fedkd.train import evaluate, group_init_seed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def initial_models(cfg: Config, ds: Dataset, groups: list[str]) -> dict[str, Fed
     fd = cfg.int("model.feature-dim") or None
     out = {}
     for i, arch in enumerate(groups):
-        torch.manual_seed(derive_seed(cfg.int("seed"), 7919, i))
+        torch.manual_seed(group_init_seed(cfg.int("seed"), i))
         try:
             out[arch] = build_model(arch, ds.shape, ds.num_classes, fd)
         except RuntimeError as e:  # e.g. a kernel larger than the input

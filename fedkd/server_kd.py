@@ -425,6 +425,8 @@ class DistillationStrategy(GroupedStrategy):
         `fedkd dfkd`, sims/README.md).
     """
 
+    uses_client_models = True
+
     __config_forward__ = (ServerDistiller, ("in_shape", "num_classes", "device", "key", "seed"))
     trains_global_without_clients: ClassVar[bool] = True
     #: Also distill into every group's model (FedDF), not only the global one.

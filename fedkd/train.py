@@ -26,6 +26,13 @@ def derive_seed(*parts: int) -> int:
     )
 
 
+def group_init_seed(seed: int, index: int) -> int:
+    """The seed of the initial model of the ``index``-th architecture group (in the
+    federation's group order): the server builds each group's first model under it, and a
+    client whose own parts never travel rebuilds its group's initial parts from it."""
+    return derive_seed(seed, 7919, index)
+
+
 def resolve_device(name: str, key: str = "device") -> torch.device:
     """``auto`` → cuda when available, else cpu; otherwise the named device, which must exist.
 
@@ -434,12 +441,14 @@ class FedNovaRule(LocalRule):
 class PersonalRule(LocalRule):
     """A client that keeps its own copy of part of the model between its rounds.
 
-    :meth:`local_names` says which state-dict entries are the client's own. At construction
-    they replace the received ones (once the client has a saved copy: its first round uses
-    the server's); :meth:`end` saves them. Federated evaluation applies the same copy
-    (:meth:`personalize`), so per-client accuracy is the personalized model's. The reply
-    still carries the whole model (the server's average of the local parts is never used by
-    a client; the byte counters count it).
+    :meth:`local_names` says which state-dict entries are the client's own. They never
+    travel: the server's messages leave them out and send the group's initial-model seed
+    (``init-seed``), from which a client rebuilds them (:func:`fedkd.client_app.received_model`),
+    and the replies leave them out too. At construction the client's saved copy replaces them
+    (its first round starts from the group's initial values); :meth:`end` saves them.
+    Federated evaluation applies the same copy (:meth:`personalize`), so per-client accuracy is
+    the personalized model's. The server's model of the group keeps its initial values for
+    these entries: judge these methods per client.
     """
 
     stateful = True

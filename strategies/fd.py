@@ -16,11 +16,12 @@ Official code read: github.com/TsingZ0/PFLlib ``system/flcore/clients/clientdist
 ``servers/serverdistill.py`` (λ = ``--lamda`` default 1.0, ``nn.MSELoss()`` mean reduction,
 logits collected during training, classes averaged over the clients that have them).
 
-Deviations: every message and reply still carries the client's whole model besides the
-logits (fedkd's engines and validation expect a model; FD sends only the ``C × C`` logits),
-so the byte counters overstate FD's traffic; the model a client starts from in its first
-round is the group's initial one (as in PFLlib, where every client starts from the same
-initialization).
+No model travels: the messages and replies carry an empty model record (the clients' models
+are their own, :meth:`fedkd.federation.GroupedStrategy.kept_names`) and the logits, so the
+byte counters count FD's traffic as the paper does; a client starts, in its first round, from
+its group's initial model, rebuilt from the seed the server sends (as in PFLlib, where every
+client starts from the same initialization). The server's model of each group is therefore
+its initial one: judge FD per client.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from strategies import STRATEGIES
 class FedEnsemble(GroupedStrategy):
     """Base aggregation per group; the round's client ensemble is what is evaluated."""
 
+    uses_client_models = True
+
     def __init__(self, *args: object, base: str = "fedavg", ensemble: str = "logits", **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         check_choice("strategy.fedensemble.ensemble", ensemble, ("logits", "probs"))

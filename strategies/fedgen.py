@@ -71,6 +71,8 @@ class FedGen(GroupedStrategy):
         some client holds (official) or ∝ the clients' summed label counts.
     """
 
+    uses_client_models = True
+
     def __init__(
         self,
         *args: Any,

@@ -16,8 +16,8 @@ at ``--server_learning_rate`` (HtFLlib default 0.01), ``nn.CrossEntropyLoss``; t
 starts as the first client's head).
 
 Deviations: the header starts as the global architecture's initial head; a rejected reply's
-prototypes are not used; every message and reply carries the whole model (the byte counters
-overstate FedGH's traffic).
+prototypes are not used. The representations never travel (the messages carry the header,
+the replies their head and prototypes).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ more than one row and more than one dimension).
 Deviations: the mentees are averaged weighted by examples (PFLlib: uniformly); convolution
 kernels travel whole (PFLlib decomposes each ``k × k`` kernel slice, which saves nothing at
 ``k ≤ 5``) and so does a matrix whose factors would not be smaller; the first round sends the
-initial mentee whole (PFLlib's clients start from their own copy); every message and reply
-also carries the client's own model, so the byte counters overstate the traffic.
+initial mentee whole (PFLlib's clients start from their own copy). The client's own model never
+travels, so the byte counters count FedKD's traffic: the mentee's factors.
 """
 
 from __future__ import annotations

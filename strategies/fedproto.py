@@ -21,8 +21,8 @@ prototypes from ``collect_protos``, in eval mode after training; test by the sma
 global prototype).
 
 Deviations: the prototypes are PFLlib's (eval mode, all training data, after training), not
-the official last-epoch training-mode ones; every message and reply still carries the
-client's whole model besides the prototypes (the byte counters overstate FedProto's traffic).
+the official last-epoch training-mode ones. No model travels (the messages and replies carry
+the prototypes and an empty model record), so the byte counters count FedProto's traffic.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ Deviations: α = β = 0.5 by default, the paper's (HtFLlib's defaults, α = β =
 mutual terms off); each KL is the true KL (``batchmean``) toward the other model's detached
 prediction, as the paper's per-model losses (PFLlib's ``nn.KLDivLoss()`` is KL / C and lets
 each KL's gradient reach both models); the memes are averaged weighted by examples, as the
-paper's FedAvg (PFLlib averages uniformly); every message and reply also carries the client's
-own model (fedkd's engines expect one), so the byte counters overstate the traffic.
+paper's FedAvg (PFLlib averages uniformly). The client's own model never travels (the messages
+and replies carry an empty model record and the meme), so the byte counters count FML's traffic.
 """
 
 from __future__ import annotations

@@ -6,18 +6,16 @@ Each client keeps its representation (everything but ``classifier``) between its
 server averages the classifier heads of all clients, across architecture groups, weighted
 by examples, and sends that one head to everyone. Architectures may differ: only the heads
 (``feature_dim × classes``) must match, so set ``model.feature-dim``. Within a group the
-base strategy (``base``, default FedAvg) aggregates as usual first; the group's averaged
-representation is what a client starts from before it has its own, and what the server's
-global-model accuracy uses (judge LG-FedAvg by per-client accuracy:
+base strategy (``base``, default FedAvg) aggregates the heads first. The representations never
+travel: a client starts from its group's initial one, rebuilt from the seed the server sends,
+and the server's model keeps it (judge LG-FedAvg by per-client accuracy:
 ``partition.test-fraction`` with ``eval.fraction = 1``).
 
 Official code: github.com/pliang279/LG-FedAvg (``main_lg.py``: ``w_glob_keys``, the global
 layers, averaged; the rest local). HtFLlib (``serverlg.py`` / ``clientlg.py``) shares the
 head across heterogeneous models as here.
 
-Deviations: every reply and every message carries the whole model (the papers send only the
-global head; the byte counters count what is sent here, so LG-FedAvg's saving of traffic is
-not shown); the first round starts every client from the group's initial representation
+Deviations: the first round starts every client from the group's initial representation
 (the official code pre-trains with FedAvg for some rounds first).
 """
 

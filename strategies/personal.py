@@ -1,10 +1,11 @@
 """Personalized FL on FedAvg: FedBN, FedPer and FedRep (part of each client's model stays local).
 
-The server is Flower's FedAvg (weighted by examples) over the whole model; each client keeps
-its own copy of part of it between its rounds (:class:`fedkd.train.PersonalRule`, kept by
-:mod:`fedkd.client_state`) and uses it for training and for federated evaluation. Judge them
-by per-client accuracy: ``partition.test-fraction`` with ``eval.fraction = 1``; the server's
-global-model accuracy uses the averaged local parts, which no client uses.
+The server is Flower's FedAvg (weighted by examples) over the shared part of the model; each
+client keeps its own copy of the rest between its rounds (:class:`fedkd.train.PersonalRule`,
+kept by :mod:`fedkd.client_state`) and uses it for training and for federated evaluation; the
+local part never travels, either way. Judge them by per-client accuracy:
+``partition.test-fraction`` with ``eval.fraction = 1``; the server's model keeps the initial
+values of the local parts, so its accuracy is not a model any client uses.
 
 - ``fedbn`` (Li et al., ICLR 2021; official code github.com/med-air/FedBN, ``federated/fed_digits.py``:
   the server skips ``bn`` keys when it averages): BatchNorm layers stay local.
@@ -13,9 +14,7 @@ global-model accuracy uses the averaged local parts, which no client uses.
   ``models/Update.py`` ``LocalUpdate.train``): the head stays local; ``head-steps`` head-only
   steps, then the representation's.
 
-Deviations: the replies carry the whole model, local parts included (the papers send only
-the shared part; the byte counters count what is sent here); the averaged local parts are
-discarded by the clients rather than not computed. FedRep counts its phases in optimizer
+Deviations: FedRep counts its phases in optimizer
 steps (``clients.local-steps``), the official code in epochs.
 """
 

@@ -116,6 +116,9 @@ def test_fd_runs_with_three_architectures_and_reports_per_client_accuracy(tmp_pa
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["client_accuracy"]) == 6 and r["fd_classes"] == 10 for r in rows)
     assert rows[-1]["rejected"] == 0
+    # the models stay on the clients: the logits (C x C and the counts, each way) are the whole traffic
+    assert all(r["bytes_up"] == r["bytes_up_extra"] and r["bytes_down"] == r["bytes_down_extra"] for r in rows)
+    assert 0 < rows[0]["bytes_up"] <= 6 * (10 * 10 + 10) * 4 * 1.01 + 6 * 4096
 
 
 def test_lamda_zero_is_local_training_alone():

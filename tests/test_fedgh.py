@@ -63,7 +63,8 @@ def test_the_server_trains_one_header_on_the_prototypes_and_gives_it_to_every_gr
     for n in (11, 21, 31):
         torch.manual_seed(n)
         content = RecordDict({
-            records.ARRAYS: records.to_record(ctx.build(fed.node_arch[n])),
+            # what a client sends: its head (its representation stays local)
+            records.ARRAYS: records.without(records.to_record(ctx.build(fed.node_arch[n])), s.kept_names(fed.node_arch[n])),
             records.RULE_ARRAYS: ArrayRecord({"protos": Array(protos[n]), "counts": Array(np.array(counts[n], np.float32))}),
             records.METRICS: MetricRecord({records.NUM_EXAMPLES: 5}),
             records.INFO: ConfigRecord({records.LABEL_COUNTS: counts[n] if n != 31 else [4, 0, 0, 0]}),

@@ -39,30 +39,40 @@ def _model(ctx: ServerContext, arch: str, seed: int):
     return ctx.build(arch)
 
 
-def test_the_head_is_averaged_over_every_architecture_and_the_rest_within_its_group(reply):
+def test_only_the_head_travels_and_is_averaged_over_every_architecture(reply):
     ctx, fed = _context(), _federation()
     s = build_strategy(load_config(None, ["strategy.name=lgfedavg"]), fed, ctx)
     state = records.pack({a: records.to_record(_model(ctx, a, 0)) for a in fed.groups})
     msgs = list(s.configure_train(1, state, ConfigRecord(), _Grid()))
     assert all(m.content[records.CONFIG][records.RULE] == "lgfedavg" for m in msgs)  # the clients keep their body
+    # the representation never travels: the message holds the head and the group's init seed
+    assert all(set(m.content[records.ARRAYS]) == {"classifier.weight", "classifier.bias"} for m in msgs)
+    assert all(records.INIT_SEED in m.content[records.CONFIG] for m in msgs)
     models = {n: _model(ctx, a, n) for n, a in ARCHS.items()}
     examples = {11: 10, 12: 30, 21: 60}
+    sent = {n: records.without(records.to_record(m), LGFedAvgRule.local_names(m)) for n, m in models.items()}
     replies = [
-        reply(n, RecordDict({records.ARRAYS: records.to_record(models[n]),
+        reply(n, RecordDict({records.ARRAYS: sent[n],
                              records.METRICS: MetricRecord({records.NUM_EXAMPLES: examples[n]}),
                              records.INFO: ConfigRecord({records.LABEL_COUNTS: [examples[n]] + [0] * 9})}))
         for n in ARCHS
     ]  # fmt: skip
     new, _ = s.aggregate_train(1, replies)
+    assert s.round_metrics["rejected"] == 0
     head = sum(examples[n] * models[n].classifier.weight.detach().double() for n in ARCHS) / 100
     for arch in ("mlp", "lenet5"):
-        got = records.unpack(new, arch)
+        got, before = records.unpack(new, arch), records.unpack(state, arch)
         np.testing.assert_allclose(got["classifier.weight"].numpy(), head.numpy(), rtol=1e-5, atol=1e-6)
-    body = (10 * models[11].state_dict()["body.1.weight"] + 30 * models[12].state_dict()["body.1.weight"]) / 40
-    np.testing.assert_allclose(records.unpack(new, "mlp")["body.1.weight"].numpy(), body.numpy(), rtol=1e-5, atol=1e-6)
-    lenet = records.unpack(new, "lenet5")
-    assert all(np.array_equal(lenet[k].numpy(), v.numpy()) for k, v in records.to_record(models[21]).items()
-               if not k.startswith("classifier."))  # fmt: skip
+        # the server's representation is untouched: no client sent one
+        assert list(got.keys()) == list(before.keys())
+        assert all(np.array_equal(got[k].numpy(), before[k].numpy()) for k in before if not k.startswith("classifier."))
+    # a reply that sends its representation anyway is rejected
+    leaky = reply(11, RecordDict({records.ARRAYS: records.to_record(models[11]),
+                                  records.METRICS: MetricRecord({records.NUM_EXAMPLES: 10}),
+                                  records.INFO: ConfigRecord({records.LABEL_COUNTS: [10] + [0] * 9})}))  # fmt: skip
+    list(s.configure_train(2, new, ConfigRecord(), _Grid()))
+    s.aggregate_train(2, [leaky])
+    assert s.round_metrics["rejected"] == 1
 
 
 def test_heads_of_different_shapes_and_a_rule_base_are_refused():

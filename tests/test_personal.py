@@ -111,3 +111,69 @@ def test_a_personalized_run_reports_per_client_accuracy(tmp_path, name):
     assert all(len(r["client_accuracy"]) == 4 for r in rows)
     assert json.loads((out / "summary.json").read_text())["final_client_accuracy"] > 0.1
     assert not (out / "client-state").exists()
+
+
+def test_a_client_rebuilds_its_groups_initial_model_from_the_init_seed():
+    """The own parts never travel: a client without a saved copy starts them from its group's
+    initial model, which it rebuilds exactly as the server built it."""
+    from fedkd.client_app import client_model
+    from fedkd.data import load_dataset
+    from fedkd.server_app import initial_models
+    from fedkd.train import group_init_seed
+
+    cfg = load_config(None, ["clients.num=4", "clients.architectures=mlp:2,lenet5:2", "model.feature-dim=16", "seed=3"])
+    ds = load_dataset("mnist5k", cfg.str("dataset.root"), False)
+    server = initial_models(cfg, ds, ["mlp", "lenet5"])
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    for i, (arch, pid) in enumerate((("mlp", 0), ("lenet5", 2))):
+        rebuilt = client_model(cfg, pid, group_init_seed(3, i))
+        assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in server[arch].state_dict().items())
+    assert torch.equal(torch.rand(3), before)  # the client's global RNG is left as it was
+
+
+def test_fedper_messages_and_replies_leave_the_head_out(tmp_path, task_identity):
+    """FedPer on the wire: the message holds the base and the init seed, the ClientApp trains on
+    the rebuilt initial head (its first round), saves it, and replies with the base only."""
+    from fedkd.client_app import app, client_model
+    from fedkd.train import group_init_seed
+
+    cfg = load_config(None, ["clients.num=2", "clients.architectures=mlp", "strategy.name=fedper",
+                             "clients.local-steps=2", "clients.threads=1"])  # fmt: skip
+    seed = group_init_seed(cfg.int("seed"), 0)
+    initial = client_model(cfg, 0, seed)
+    head = [k for k in initial.state_dict() if k.startswith("classifier.")]
+    conf = ConfigRecord({records.RUN_CONFIG: cfg.to_toml(), "server-round": 1, records.RULE: "fedper",
+                         records.STATE_DIR: str(tmp_path), records.INIT_SEED: seed})  # fmt: skip
+    msg = Message(RecordDict({records.ARRAYS: records.without(records.to_record(initial), head), records.CONFIG: conf}),
+                  dst_node_id=1, message_type="train")  # fmt: skip
+    ctx = Context(run_id=1, node_id=1, node_config={records.PARTITION_ID: 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config={})  # fmt: skip
+    reply = app(msg, ctx)
+    assert not reply.has_error(), reply.error
+    sent = reply.content.array_records[records.ARRAYS]
+    assert head and not set(head) & set(sent) and set(sent) == set(initial.state_dict()) - set(head)
+    assert reply.content.metric_records[records.METRICS][records.STATE_FROM] == 0
+    saved = DiskState(tmp_path / "0").load(2)[1]
+    assert saved is not None and set(saved) == set(head)
+    assert not torch.equal(saved["classifier.weight"], initial.classifier.weight)  # trained from the initial head
+    # a message that leaves out entries the rule does not keep is refused, not loaded in part
+    bad = Message(RecordDict({records.ARRAYS: records.without(records.to_record(initial), ["body.1.weight"]),
+                              records.CONFIG: conf}), dst_node_id=1, message_type="train")  # fmt: skip
+    with pytest.raises(RuntimeError, match="does not fit the model"):
+        app(bad, ctx)
+
+
+@pytest.mark.parametrize("name", ["feddf", "fedftg", "fedensemble"])
+def test_an_ensemble_teacher_refuses_a_base_whose_clients_keep_parts(name):
+    import numpy as np
+
+    from fedkd.errors import ConfigError
+    from fedkd.federation import Federation, ServerContext, build_strategy
+
+    fed = Federation({1: 0, 2: 1}, {1: "mlp", 2: "mlp"}, np.full((2, 10), 5), "mlp", seed=0)
+    ctx = ServerContext((1, 28, 28), 10, 16, torch.device("cpu"), 0, 3)
+    with pytest.raises(ConfigError, match="keep part of theirs"):
+        build_strategy(load_config(None, [f"strategy.name={name}", f"strategy.{name}.base=fedper"]), fed, ctx)
+    assert build_strategy(load_config(None, [f"strategy.name={name}", f"strategy.{name}.base=fedprox"]), fed, ctx)
