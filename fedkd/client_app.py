@@ -38,6 +38,7 @@ from fedkd.train import (
     PersonalRule,
     derive_seed,
     evaluate,
+    kept_entries,
     resolve_device,
 )
 
@@ -154,11 +155,9 @@ def kept_names(conf: ConfigRecord, model: FedkdModel) -> list[str]:
     """The entries of ``model`` this client keeps as its own, which never travel: its
     personalizing rule's :meth:`~fedkd.train.PersonalRule.local_names`, when the server says
     they stay local (it sends the group's ``init-seed`` instead of them)."""
-    name = str(conf.get(records.RULE, "") or "")
-    if records.INIT_SEED not in conf or not name:
+    if records.INIT_SEED not in conf:
         return []
-    cls = LOCAL_RULES.get(name)
-    return list(cls.local_names(model)) if issubclass(cls, PersonalRule) else []
+    return kept_entries(str(conf.get(records.RULE, "") or ""), model)
 
 
 def received_model(msg: Message, cfg: Config, pid: int) -> tuple[FedkdModel, list[str]]:

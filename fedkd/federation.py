@@ -341,15 +341,10 @@ class GroupedStrategy(Strategy):
         layers, FedPer's head, FD's whole model): they never travel, either way. Empty for a
         rule that keeps nothing, and without a :class:`ServerContext` (no model to name them)."""
         if arch not in self._kept:
-            from fedkd.train import LOCAL_RULES, PersonalRule
+            from fedkd.train import kept_entries
 
             name = self.client_rule or str(getattr(self.delegates.get(arch), "rule", "") or "")
-            names: list[str] = []
-            if name and self.context is not None:
-                cls = LOCAL_RULES.get(name)
-                if issubclass(cls, PersonalRule):
-                    names = list(cls.local_names(self.context.build(arch)))
-            self._kept[arch] = names
+            self._kept[arch] = kept_entries(name, self.context.build(arch)) if name and self.context is not None else []
         return self._kept[arch]
 
     @staticmethod

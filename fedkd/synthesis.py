@@ -424,22 +424,18 @@ class Synthesizer:
             )
         if "adv" in active and student is None:
             raise ConfigError("generator loss term 'adv' needs a student")
-        if "tv" in active:
-            with torch.no_grad(), eval_mode(self.generator):
-                z = torch.zeros(1, self.latent_dim, device=self.device)
-                y = torch.zeros(1, dtype=torch.long, device=self.device) if self.conditional else None
-                shape = tuple(self.generator(z, y).shape)
-            if len(shape) != 4:
-                raise ConfigError(
-                    f"generator loss term 'tv' needs a generator of images (B, C, H, W); this one makes {shape[1:]}"
-                )
-        if "act" in active:
-            # a side-effect-free probe: no noise drawn, no BN statistics updated
+        if "tv" in active or "act" in active:
+            # one side-effect-free probe: no noise drawn, no BN statistics updated
             with torch.no_grad(), eval_mode(self.generator, teacher):
                 z = torch.zeros(2, self.latent_dim, device=self.device)
                 y = torch.zeros(2, dtype=torch.long, device=self.device) if self.conditional else None
-                _, feats = logits_and_features(teacher, self.generator(z, y), y)
-            if feats is None:
+                x = self.generator(z, y)
+                feats = logits_and_features(teacher, x, y)[1] if "act" in active else None
+            if "tv" in active and x.dim() != 4:
+                raise ConfigError(
+                    f"generator loss term 'tv' needs a generator of images (B, C, H, W); this one makes {tuple(x.shape[1:])}"
+                )
+            if "act" in active and feats is None:
                 raise ConfigError("generator loss term 'act' needs a teacher with features")
 
     def noise(self, n: int | None = None) -> Noise:

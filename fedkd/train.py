@@ -483,6 +483,16 @@ class PersonalRule(LocalRule):
         self.state = {n: own[n].detach().clone() for n in self.local_names(model)}
 
 
+def kept_entries(rule: str, model: nn.Module) -> list[str]:
+    """The state-dict entries of ``model`` that the clients of local-training rule ``rule`` keep
+    as their own and never send (:meth:`PersonalRule.local_names`); ``[]`` for any other rule
+    or none (``""``)."""
+    if not rule:
+        return []
+    cls = LOCAL_RULES.get(rule)
+    return list(cls.local_names(model)) if issubclass(cls, PersonalRule) else []
+
+
 @LOCAL_RULES.register("fedbn")
 class FedBNRule(PersonalRule):
     """FedBN's client (Li et al., ICLR 2021): its BatchNorm layers (affine parameters and running
