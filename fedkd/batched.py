@@ -336,6 +336,8 @@ def train_all(clients: Sequence[Client]) -> tuple[list[float], list[float]]:
     for members in groups.values():
         first = clients[members[0]]
         reason = unbatchable(first.model, first.regularizer, first.rule)
+        if reason is None and first.cfg.classes:
+            reason = "a class-continual cross-entropy over the current task's classes has no batched form"
         if reason is None and first.device.type == "cpu" and CPU_CONV_ONE_BY_ONE and _has_conv(first.model):
             reason = (f"{type(first.model).__name__} has convolutions, which are not faster batched on a CPU "
                       "(benchmarks/RESULTS.md, 'Batched clients')")  # fmt: skip

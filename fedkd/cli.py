@@ -90,6 +90,9 @@ def round_printer(total: int) -> Callable[[dict[str, Any]], None]:
             + (f" rej {row['rejected']}" if row.get("rejected") else "")
             + (f"  clients {_num(row['client_accuracy_mean'])} (p10 {_num(row['client_accuracy_p10'])})"
                if row.get("client_accuracy_mean") is not None else "")
+            + (f"  task {row['task']} acc {_num(row['current_task_accuracy'], '.3f')}" if row.get("task") is not None
+               else "")
+            + (f" forgetting {_num(row['forgetting'], '.3f')}" if row.get("forgetting") is not None else "")
             + f"  {row['seconds']:.1f}s{extra}",
             {"event": "round", "of": total, **row},
         )
@@ -158,7 +161,10 @@ def _preflight(cfg: Any) -> None:
     archs = parse_architectures(cfg.str("clients.architectures"), cfg.int("clients.num"))
     global_arch = global_architecture(cfg)
     initial_models(cfg, ds, list(dict.fromkeys([*archs, global_arch])))
-    client_partition(cfg, 0)  # runs the partitioner: α, sizes, empty clients
+    from fedkd.tasks import plan_of
+
+    plan_of(cfg, ds.num_classes)  # tasks.*: classes and rounds divide into tasks
+    client_partition(cfg, 0)  # runs the partitioner (every task's): α, sizes, empty clients
     # the strategy with its keywords and base, over a federation shaped like the real one
     n = len(archs)
     fake = Federation({i: i for i in range(n)}, dict(enumerate(archs)),
@@ -208,6 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"best {_num(summary['best_accuracy'])}"
         + (f", per client {_num(summary['final_client_accuracy'])}" if summary.get("final_client_accuracy") is not None
            else "")
+        + (f", average forgetting {_num(summary.get('forgetting'))} over {summary['tasks']} tasks (tasks.png)"
+           if summary.get("tasks") else "")
         + f"; results in {run_dir}",
         {"event": "done", "run_dir": str(run_dir), **summary},
         final=True,

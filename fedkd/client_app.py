@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_clip_model_update
 
 from fedkd import faults as F
-from fedkd import records
+from fedkd import records, tasks
 from fedkd.batched import Client, train_one
 from fedkd.client_state import ClientState, store_for
 from fedkd.config import Config
@@ -60,14 +60,17 @@ def message_config(msg: Message) -> Config:
     return _config(str(cfg_rec[records.RUN_CONFIG]))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def _partitions(
-    dataset: str, root: str, download: bool, method: str, kwargs: tuple[tuple[str, object], ...], n: int, seed: int
+    dataset: str, root: str, download: bool, method: str, kwargs: tuple[tuple[str, object], ...], n: int, seed: int,
+    classes: tuple[int, ...] = (),
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every client's indices and label counts of an eager partitioner (one split per config)."""
+    """Every client's indices and label counts of an eager partitioner (one split per config);
+    with ``classes`` (a task's, :mod:`fedkd.tasks`), a split of those classes' samples only."""
     ds = load_dataset(dataset, root, download)
     labels = ds.y_train.numpy()
-    parts = partition(method, labels, n, seed, **dict(kwargs))
+    pool = np.flatnonzero(np.isin(labels, classes)) if classes else np.arange(len(labels))
+    parts = [pool[p] for p in partition(method, labels[pool], n, seed, **dict(kwargs))]
     counts = torch.as_tensor(label_counts(labels, parts, ds.num_classes))
     return [torch.as_tensor(p) for p in parts], counts
 
@@ -82,30 +85,46 @@ def _lazy_partition(
     n: int,
     seed: int,
     pid: int,
+    classes: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, list[int]]:
     """One client's indices and label counts of a lazy partitioner: only ``pid`` is computed,
     and the cache is bounded, so a process never holds every client's partition."""
     ds = load_dataset(dataset, root, download)
     labels = ds.y_train.numpy()
-    idx = partition_of(method, labels, n, seed, pid, **dict(kwargs))
+    pool = np.flatnonzero(np.isin(labels, classes)) if classes else np.arange(len(labels))
+    idx = pool[partition_of(method, labels[pool], n, seed, pid, **dict(kwargs))]
     return torch.as_tensor(idx), label_counts(labels, [idx], ds.num_classes)[0].tolist()
 
 
-def client_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """``(x, y, label_counts)`` of partition ``pid`` for this config (cached per process)."""
+def _indices(cfg: Config, pid: int, seed: int, classes: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[int]]:
+    method = cfg.str("partition.name")
+    kwargs = tuple(sorted(cfg.plugin_kwargs("partition", method).items()))
+    key = (cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"), method, kwargs,
+           cfg.int("clients.num"), seed)  # fmt: skip
+    if is_lazy(method):
+        return _lazy_partition(*key, pid, classes)
+    parts, all_counts = _partitions(*key, classes)
+    return parts[pid], all_counts[pid].tolist()
+
+
+def client_partition(cfg: Config, pid: int, task: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(x, y, label_counts)`` of partition ``pid`` for this config (cached per process).
+
+    In a class-continual run (``tasks.*``, :mod:`fedkd.tasks`) the client's share of ``task``'s
+    samples (each task's samples split by the partitioner with a seed of its own); with ``task``
+    None, its shares of every task together (what it holds over the whole run).
+    """
     n = cfg.int("clients.num")
     if not 0 <= pid < n:
         raise UserError(f"partition-id {pid} is outside [0, {n}) for clients.num={n}")
-    method = cfg.str("partition.name")
-    kwargs = tuple(sorted(cfg.plugin_kwargs("partition", method).items()))
-    key = (cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"), method, kwargs, n,
-           cfg.int("seed"))  # fmt: skip
-    if is_lazy(method):
-        idx, counts = _lazy_partition(*key, pid)
-    else:
-        parts, all_counts = _partitions(*key)
-        idx, counts = parts[pid], all_counts[pid].tolist()
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    plan = tasks.plan_of(cfg, ds.num_classes)
+    if plan is not None:
+        which = range(plan.num_tasks) if task is None else [task]
+        idx = torch.cat([_indices(cfg, pid, tasks.task_seed(cfg.int("seed"), t), plan.classes(t))[0] for t in which])
+        counts = torch.bincount(ds.y_train[idx], minlength=ds.num_classes).tolist()
+        return ds.x_train[idx], ds.y_train[idx], counts
+    idx, counts = _indices(cfg, pid, cfg.int("seed"))
     if cfg.float("partition.test-fraction") > 0:  # train on the rest of the client's own split
         train, _ = holdout(idx.numpy(), cfg.float("partition.test-fraction"), cfg.int("seed"), pid)
         idx = torch.as_tensor(train)
@@ -118,14 +137,25 @@ def client_test_split(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor
     fraction = cfg.float("partition.test-fraction")
     if fraction <= 0:
         return None
-    method = cfg.str("partition.name")
-    kwargs = tuple(sorted(cfg.plugin_kwargs("partition", method).items()))
-    key = (cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"), method, kwargs,
-           cfg.int("clients.num"), cfg.int("seed"))  # fmt: skip
-    idx = _lazy_partition(*key, pid)[0] if is_lazy(method) else _partitions(*key)[0][pid]
+    idx = _indices(cfg, pid, cfg.int("seed"))[0]
     _, test = holdout(idx.numpy(), fraction, cfg.int("seed"), pid)
     ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
     return ds.x_train[test], ds.y_train[test]
+
+
+def current_task(
+    cfg: Config, server_round: int
+) -> tuple[int | None, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """In a class-continual run: round ``server_round``'s task, the classes of the clients'
+    cross-entropy (``tasks.local-classes``: the task's, or () for every logit), the classes of
+    the earlier tasks and the classes seen so far; ``(None, (), (), ())`` otherwise."""
+    ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    plan = tasks.plan_of(cfg, ds.num_classes)
+    if plan is None:
+        return None, (), (), ()
+    task = plan.task_of(server_round)
+    classes = plan.classes(task) if cfg.str("tasks.local-classes") == "current" else ()
+    return task, classes, plan.old(task), plan.seen(task)
 
 
 def partition_id(context: Context) -> int:
@@ -294,7 +324,8 @@ def prepare_train(msg: Message, context: Context) -> TrainJob:
     fault = F.draw(faults, cfg.int("seed"), pid, server_round, cfg.int("clients.num"))
     if fault.crash:
         raise RuntimeError(f"simulated crash of partition {pid} in round {server_round} (faults.crash-rate)")
-    x, y, counts = client_partition(cfg, pid)
+    task, local_classes, old, seen = current_task(cfg, server_round)
+    x, y, counts = client_partition(cfg, pid, task)
     device = client_device(cfg, context.node_config)
     model, kept = received_model(msg, cfg, pid)
     model.to(device)
@@ -302,6 +333,8 @@ def prepare_train(msg: Message, context: Context) -> TrainJob:
         y = F.flip_labels(y, model.num_classes)
     start = {k: v.clone() for k, v in model.state_dict().items()} if fault.malicious else {}
     local = LocalTrainConfig.from_config(cfg, proximal_mu=float(conf.get("proximal-mu", 0.0)))  # type: ignore[arg-type]
+    if task is not None:
+        local = replace(local, classes=local_classes, old_classes=old, seen_classes=seen)
     seed = derive_seed(cfg.int("seed"), pid, server_round)
     rule, store, since = local_rule(msg, cfg, context, model, local, pid, server_round)
     client = Client(model, x, y, local, seed, device, fedgen_regularizer(msg, model, seed), rule)
@@ -366,9 +399,10 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     (``partition.test-fraction``), or on its local training data when it has none."""
     cfg, pid = _setup(msg, context)
     split = client_test_split(cfg, pid)
-    x, y = split if split is not None else client_partition(cfg, pid)[:2]
-    model, _ = received_model(msg, cfg, pid)
     conf = msg.content.config_records[records.CONFIG]
+    task = current_task(cfg, int(conf.get("server-round", 0)))[0]  # type: ignore[arg-type]
+    x, y = split if split is not None else client_partition(cfg, pid, task)[:2]
+    model, _ = received_model(msg, cfg, pid)
     rule = LOCAL_RULES.get(str(conf[records.RULE])) if conf.get(records.RULE) else None
     if rule is not None and issubclass(rule, PersonalRule):  # the client's own parts (FedBN, FedPer, FedRep)
         store = client_store(msg, cfg, context, pid)

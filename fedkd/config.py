@@ -70,6 +70,17 @@ CORE_KEYS: tuple[Key, ...] = (
         "(0: none). Clients train on the rest; federated evaluation (eval.fraction) then scores the received "
         "model on each client's test split (per-client accuracy in metrics.jsonl).",
         check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),  # fmt: skip
+    # ---- class-continual learning (fedkd/tasks.py)
+    Key("tasks.classes-per-task", 0, "Class-continual run: the classes arrive in tasks of this many (it must divide the "
+        "dataset's classes); each client trains on its share of the current task's samples only (0: no tasks).",
+        check=_nonneg, requirement="≥ 0"),  # fmt: skip
+    Key("tasks.rounds-per-task", 0, "Rounds of each task (rounds = tasks × this); 0: rounds / tasks.",
+        check=_nonneg, requirement="≥ 0"),  # fmt: skip
+    Key("tasks.class-order", "seed", "Order in which the tasks bring the classes: seed (a permutation drawn from the "
+        "run's seed), natural (0, 1, ...) or a comma-separated list of every class."),  # fmt: skip
+    Key("tasks.local-classes", "current", "Logits of the clients' cross-entropy in a class-continual run: current "
+        "(the current task's classes only, as TARGET's code for every method) or all.",
+        choices=("current", "all")),  # fmt: skip
     Key("clients.num", 10, "Number of clients (SuperNodes).", check=_pos, requirement="≥ 1"),
     Key("clients.fraction", 1.0, "Fraction of each architecture group's clients sampled per round.",
         check=lambda v: 0 < v <= 1, requirement="in (0, 1]"),  # fmt: skip

@@ -41,7 +41,7 @@ MANAGED_KWARGS = frozenset(
         "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
         "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
         "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "federation", "base_factory", "context",
-        "client_learning_rate", "train_loss_key", "noise_seed",
+        "client_learning_rate", "train_loss_key", "noise_seed", "tasks",
     }
 )  # fmt: skip
 
@@ -643,6 +643,13 @@ def base_factory(cfg: Any, name: str) -> BaseFactory:
         return _wrapper_factory(cfg, name, cls, kwargs, fraction)
 
     accepts = inspect.signature(cls).parameters
+    plan = None
+    if getattr(cls, "needs_tasks", False):
+        from fedkd.data import load_dataset
+        from fedkd.tasks import plan_of
+
+        ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+        plan = plan_of(cfg, ds.num_classes)
 
     def make(group_size: int) -> Strategy:
         managed: dict[str, Any] = {
@@ -656,6 +663,8 @@ def base_factory(cfg: Any, name: str) -> BaseFactory:
             managed["client_learning_rate"] = cfg.float("clients.lr")
         if "train_loss_key" in accepts:
             managed["train_loss_key"] = records.TRAIN_LOSS
+        if plan is not None:  # a class-continual strategy (strategies/continual.py) gets the run's tasks
+            managed["tasks"] = plan
         check_robust_params(name, kwargs, max(int(group_size * fraction), 1), group_size)
         return cls(**managed, **kwargs)
 

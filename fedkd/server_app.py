@@ -29,7 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedkd import client_state, records
+from fedkd import client_state, records, tasks
 from fedkd.checkpoint import Resume, from_tree, rng_state, set_rng_state, to_tree
 from fedkd.checkpoint import prune as prune_checkpoints
 from fedkd.checkpoint import save as save_checkpoint
@@ -108,28 +108,45 @@ def handshake(grid: Grid, cfg: Config, global_arch: str, num_classes: int, timeo
 
 
 class Evaluator:
-    """Evaluate every group's model (and so the global one) on the held-out test set."""
+    """Evaluate every group's model (and so the global one) on the held-out test set; in a
+    class-continual run (``plan``), on the classes seen by ``server_round``'s task
+    (:func:`fedkd.tasks.evaluate_tasks`), with the global model's per-task accuracy."""
 
     def __init__(
-        self, models: dict[str, FedkdModel], ds: Dataset, global_arch: str, device: torch.device, batch_size: int
+        self,
+        models: dict[str, FedkdModel],
+        ds: Dataset,
+        global_arch: str,
+        device: torch.device,
+        batch_size: int,
+        plan: tasks.TaskPlan | None = None,
     ) -> None:
         self.models, self.ds, self.global_arch = models, ds, global_arch
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.plan = device, batch_size, plan
         for m in models.values():
             m.to(device)
 
-    def __call__(self, state: Any) -> dict[str, Any]:
+    def __call__(self, state: Any, server_round: int = 0) -> dict[str, Any]:
         group_acc: dict[str, float] = {}
         group_loss: dict[str, float] = {}
+        out: dict[str, Any] = {}
         for arch, model in self.models.items():
             records.load_record(model, records.unpack(state, arch))
-            group_loss[arch], group_acc[arch] = evaluate(
-                model, self.ds.x_test, self.ds.y_test, self.batch_size, self.device
-            )
+            if self.plan is None:
+                group_loss[arch], group_acc[arch] = evaluate(
+                    model, self.ds.x_test, self.ds.y_test, self.batch_size, self.device
+                )
+                continue
+            ev = tasks.evaluate_tasks(model, self.ds.x_test, self.ds.y_test, self.plan,
+                                      self.plan.task_of(server_round), self.batch_size, self.device)  # fmt: skip
+            group_loss[arch], group_acc[arch] = ev["loss"], ev["accuracy"]
+            if arch == self.global_arch:
+                out = ev
         return {
             "accuracy": group_acc[self.global_arch],
             "loss": group_loss[self.global_arch],
             "group_accuracy": group_acc,
+            **({"task_accuracy": out["task_accuracy"]} if out else {}),
         }
 
 
@@ -194,7 +211,8 @@ def run_federation(
         recorder.open_tensorboard()
     recorder.write_label_counts(fed.label_counts)
     metered = MeteredGrid(grid)
-    evaluator = Evaluator(models, ds, global_arch, device, cfg.int("eval.batch-size"))
+    plan = tasks.plan_of(cfg, ds.num_classes)
+    evaluator = Evaluator(models, ds, global_arch, device, cfg.int("eval.batch-size"), plan)
     initial = records.pack({a: records.to_record(models[a]) for a in fed.groups})
     clock = {"t": time.perf_counter()}
     start_eval: dict[str, Any] = {}
@@ -225,7 +243,7 @@ def run_federation(
         save_checkpoint(run_dir, server_round, payload, keep)
 
     def evaluate_fn(server_round: int, arrays: Any) -> MetricRecord:
-        ev = evaluator(arrays)
+        ev = evaluator(arrays, server_round + offset if server_round else 0)
         counters = metered.reset()
         now = time.perf_counter()
         if server_round == 0 and offset:  # resumed: the restored state was evaluated before
@@ -239,6 +257,8 @@ def run_federation(
             strategy.round_metrics.clear()
             if "accuracy" in extra:  # a strategy whose output is not one model (fedensemble)
                 extra["model_accuracy"], extra["model_loss"] = ev["accuracy"], ev["loss"]
+            if plan is not None:  # the task, per-task accuracy and forgetting
+                extra.update(tasks.task_metrics(plan, server_round, ev, tasks.matrix_rows(recorder.rows)))
             recorder.record(
                 {
                     "round": server_round,
@@ -251,6 +271,8 @@ def run_federation(
                     **extra,
                 }
             )
+            if plan is not None and run_dir is not None and plan.is_task_end(server_round):
+                tasks.write_matrix(run_dir, plan, recorder.rows)
             checkpoint(server_round, arrays)
         clock["t"] = now
         return MetricRecord({"accuracy": ev["accuracy"], "loss": ev["loss"]})
@@ -278,6 +300,7 @@ def run_federation(
             "groups": {a: len(fed.nodes(a)) for a in fed.groups},
             "device": str(device),
             "client_devices": fed.device_counts(),
+            **(tasks.summary(plan, recorder.rows) if plan is not None else {}),
             "wall_seconds": elapsed_before + time.perf_counter() - t0,
             **({"resumed_after_round": offset} if offset else {}),
         }

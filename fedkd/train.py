@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedkd.registry import Registry
+from fedkd.tasks import restricted_ce
 
 
 def derive_seed(*parts: int) -> int:
@@ -61,7 +62,10 @@ class LocalTrainConfig:
 
     ``steps > 0`` runs exactly that many SGD steps (cycling over the data);
     otherwise ``epochs`` full passes. ``proximal_mu > 0`` adds FedProx's
-    ``(mu / 2) ||w - w_global||²``.
+    ``(mu / 2) ||w - w_global||²``. In a class-continual run (:mod:`fedkd.tasks`) ``classes``
+    are the current task's classes, over whose logits alone the cross-entropy is taken (empty:
+    every logit), and ``old_classes`` those of the earlier tasks (for LwF's, EWC's and TARGET's
+    terms) and ``seen_classes`` the earlier and the current tasks' together.
     """
 
     epochs: int = 1
@@ -71,6 +75,9 @@ class LocalTrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
+    classes: tuple[int, ...] = ()
+    old_classes: tuple[int, ...] = ()
+    seen_classes: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Any, proximal_mu: float = 0.0) -> LocalTrainConfig:
@@ -146,7 +153,7 @@ def train_local(
             logits = model.classifier(feats)  # type: ignore[operator]
         else:
             logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        loss = restricted_ce(logits, yb, cfg.classes) if cfg.classes else F.cross_entropy(logits, yb)
         if rule is not None and rule.ce_weight != 1.0:
             loss = rule.ce_weight * loss
         if regularizer is not None and (extra := regularizer(model, logits, yb, step)) is not None:
@@ -843,3 +850,141 @@ class FedKDRule(SharedModelRule):
         super().end(model, steps)
         self.state["W_h"] = self.w_h.detach().clone()
         self.arrays = compress_svd(self.arrays, self.energy)
+
+
+# --------------------------------------------------------------------------- class-continual rules
+def frozen_copy(model: nn.Module, weights: State) -> nn.Module:
+    """A frozen copy of ``model`` (eval mode) holding ``weights`` (its whole state dict)."""
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(weights, strict=True)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+@LOCAL_RULES.register("lwf")
+class LwFRule(LocalRule):
+    """Learning without Forgetting's client in a class-continual run (Li & Hoiem, 2017; the
+    federated form of TARGET's code, ``methods/lwf.py``): from the second task on, each step
+    adds ``λ · Σ_c −softmax(t_c / T) log softmax(s_c / T)`` (over the earlier tasks' classes
+    ``c``, mean over the batch, no ``T²``) between the local model's logits ``s`` and the old
+    global model's ``t`` (the global model at the end of the previous task, from the server's
+    ``rule-arrays``; frozen, in eval mode) on the client's own current-task batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: LocalTrainConfig,
+        server: State,
+        state: State | None,
+        lamda: float = 3.0,
+        temperature: float = 2.0,
+    ) -> None:
+        super().__init__(model, cfg, server, state)
+        self.lamda, self.temperature = float(lamda), float(temperature)
+        self.old = frozen_copy(model, server) if server and cfg.old_classes and self.lamda > 0 else None
+        self.cols = torch.as_tensor(cfg.old_classes, dtype=torch.long)
+
+    def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
+        if self.old is None:
+            return None
+        from fedkd.tasks import soft_ce
+
+        cols = self.cols.to(x.device)
+        with torch.no_grad():
+            teacher = self.old(x)[:, cols]
+        return self.lamda * soft_ce(logits[:, cols], teacher, self.temperature)
+
+
+def fisher_diagonal(
+    model: nn.Module, x: Tensor, y: Tensor, classes: tuple[int, ...], batch_size: int, cap: float
+) -> State:
+    """The empirical Fisher's diagonal as TARGET's code computes it (``methods/ewc.py``
+    ``getFisherDiagonal``): the squared gradient of each batch's mean cross-entropy (over the
+    logits of ``classes``; every logit when empty), averaged over the batches, clamped at
+    ``cap``; on a copy of the model in train mode (the model itself is left as it is)."""
+    from fedkd.tasks import restricted_ce
+
+    m = copy.deepcopy(model).train()
+    fisher = {n: torch.zeros_like(p) for n, p in m.named_parameters() if p.requires_grad}
+    nb = 0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        out = m(xb)
+        loss = restricted_ce(out, yb, classes) if classes else F.cross_entropy(out, yb)
+        m.zero_grad(set_to_none=True)
+        loss.backward()
+        for n, p in m.named_parameters():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach() ** 2
+        nb += 1
+    return {n: (f / max(nb, 1)).clamp(max=cap) for n, f in fisher.items()}
+
+
+@LOCAL_RULES.register("ewc")
+class EWCRule(LocalRule):
+    """Elastic Weight Consolidation's client in a class-continual run (Kirkpatrick et al., PNAS
+    2017; the federated form of TARGET's code, ``methods/ewc.py``, with its λ and Fisher cap).
+
+    From the second task on, each step adds ``λ/2 · Σ F (θ − θ_old)²`` over the parameters:
+    ``θ_old`` is the old global model (the global model at the end of the previous task, from
+    the server's ``rule-arrays``), ``F`` this client's consolidated Fisher diagonal of the
+    earlier tasks (its state). After every local update the client computes the Fisher of its
+    current-task data (:func:`fisher_diagonal`, over the seen classes' logits, as the official
+    head holds exactly those) and keeps it; when it first trains in a later task it folds that
+    Fisher into the consolidated one, weighted by the classes each covers (the official
+    ``alpha = known / total``).
+    """
+
+    stateful = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: LocalTrainConfig,
+        server: State,
+        state: State | None,
+        lamda: float = 1000.0,
+        fisher_max: float = 1e-4,
+    ) -> None:
+        super().__init__(model, cfg, server, state)
+        self.lamda, self.fisher_max = float(lamda), float(fisher_max)
+        state = dict(state or {})
+        old = {k[4:]: v for k, v in state.items() if k.startswith("old.")}
+        cur = {k[4:]: v for k, v in state.items() if k.startswith("cur.")}
+        # the task of the stored Fisher, marked by how many classes came before it
+        marker = int(state["cur-old"]) if "cur-old" in state else -1
+        covered = int(state["old-classes"]) if "old-classes" in state else 0
+        if cur and marker < len(cfg.old_classes):  # the task it was computed in is over: consolidate it
+            k = int(state["cur-classes"])
+            old = {n: (covered * old[n] + k * f) / (covered + k) if n in old else f for n, f in cur.items()}
+            covered += k
+        self.consolidated, self.covered = old, covered
+        params = dict(model.named_parameters())
+        self.anchor = {n: server[n].to(p) for n, p in params.items() if n in server}
+        self.fisher = {n: f.to(params[n]) for n, f in old.items() if n in params and n in self.anchor}
+        self.data: tuple[Tensor, Tensor] | None = None
+
+    def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
+        if not self.fisher or not self.cfg.old_classes or self.lamda == 0:
+            return None
+        params = dict(model.named_parameters())
+        pen = sum((f * (params[n] - self.anchor[n]) ** 2).sum() for n, f in self.fisher.items())
+        return self.lamda * 0.5 * pen  # type: ignore[operator,return-value]
+
+    def after(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        self.data = (x, y)
+
+    def end(self, model: nn.Module, steps: int) -> None:
+        assert self.data is not None
+        x, y = self.data
+        seen = self.cfg.seen_classes
+        cur = fisher_diagonal(model, x, y, seen, self.cfg.batch_size, self.fisher_max)
+        self.state = {
+            **{f"old.{n}": v.detach().clone() for n, v in self.consolidated.items()},
+            **{f"cur.{n}": v for n, v in cur.items()},
+            "cur-old": torch.tensor(len(self.cfg.old_classes)),
+            "cur-classes": torch.tensor(max(len(seen) - len(self.cfg.old_classes), 1)),
+            "old-classes": torch.tensor(self.covered),
+        }

@@ -14,6 +14,6 @@ from fedkd.registry import Registry
 STRATEGIES: Registry[Any] = Registry("strategy", "fedkd.strategies")
 
 from strategies import flower  # noqa: E402,F401  isort: skip  (registers Flower's built-ins)
-from strategies import dense, dp, fd, feddf, fedensemble, feddyn, fedftg, fedgen, fedgh, fedkd_kd, fml, fednova, fedproto, lgfedavg, moon, personal, scaffold  # noqa: E402,F401  isort: skip
+from strategies import continual, dense, dp, fd, feddf, fedensemble, feddyn, fedftg, fedgen, fedgh, fedkd_kd, fml, fednova, fedproto, lgfedavg, moon, personal, scaffold  # noqa: E402,F401  isort: skip
 
 __all__ = ["STRATEGIES"]

@@ -147,7 +147,8 @@ def test_every_flower_strategy_runs_grouped(reply, name, monkeypatch):
     # three nodes in each group: Krum and Multi-Krum need 2f + 3 replies, Bulyan 4f + 3 (f = 0)
     monkeypatch.setitem(NODE_ARCH, 13, "a")
     monkeypatch.setitem(NODE_PID, 13, 5)
-    cfg = load_config(None, [f"strategy.name={name}"])
+    continual = getattr(STRATEGIES.get(name), "needs_tasks", False)  # finetune, FedLwF, FedEWC: a class-continual run
+    cfg = load_config(None, [f"strategy.name={name}", *(["tasks.classes-per-task=5"] if continual else [])])
     s = build_strategy(cfg, Federation(NODE_PID, NODE_ARCH, np.ones((6, 3), int), "a", seed=0))
     msgs = list(s.configure_train(1, state(0.0, 0.0), ConfigRecord(), FakeGrid()))
     assert msgs
