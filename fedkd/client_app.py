@@ -158,6 +158,15 @@ def current_task(
     return task, classes, plan.old(task), plan.seen(task)
 
 
+def plan_classes(cfg: Config, task: int | None) -> tuple[int, ...]:
+    """The classes of ``task`` in a class-continual run (() when there are no tasks)."""
+    if task is None:
+        return ()
+    ds = load_dataset(cfg.str("dataset.name"), cfg.str("dataset.root"), cfg.bool("dataset.download"))
+    plan = tasks.plan_of(cfg, ds.num_classes)
+    return plan.classes(task) if plan is not None else ()
+
+
 def partition_id(context: Context) -> int:
     pid = context.node_config.get(records.PARTITION_ID)
     if pid is None:
@@ -329,8 +338,8 @@ def prepare_train(msg: Message, context: Context) -> TrainJob:
     device = client_device(cfg, context.node_config)
     model, kept = received_model(msg, cfg, pid)
     model.to(device)
-    if fault.malicious and faults.label_flip:
-        y = F.flip_labels(y, model.num_classes)
+    if fault.malicious and faults.label_flip:  # in a class-continual run, within the task's classes
+        y = F.flip_labels(y, model.num_classes, plan_classes(cfg, task))
     start = {k: v.clone() for k, v in model.state_dict().items()} if fault.malicious else {}
     local = LocalTrainConfig.from_config(cfg, proximal_mu=float(conf.get("proximal-mu", 0.0)))  # type: ignore[arg-type]
     if task is not None:

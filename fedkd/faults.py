@@ -87,8 +87,13 @@ def draw(faults: Faults, seed: int, pid: int, server_round: int, num_clients: in
     )
 
 
-def flip_labels(y: Tensor, num_classes: int) -> Tensor:
-    """The label-flip poisoning: ``y → C − 1 − y``."""
+def flip_labels(y: Tensor, num_classes: int, classes: tuple[int, ...] = ()) -> Tensor:
+    """The label-flip poisoning: ``y → C − 1 − y``; within ``classes`` (a class-continual task's:
+    the i-th of k classes → the (k − 1 − i)-th) when given."""
+    if classes:
+        cls = torch.as_tensor(classes, device=y.device)
+        where = (y.view(-1, 1) == cls.view(1, -1)).float().argmax(1)
+        return cls.flip(0)[where]
     return (num_classes - 1) - y
 
 

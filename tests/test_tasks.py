@@ -371,3 +371,10 @@ def test_class_continual_run_on_the_ray_engine(tmp_path):
     assert rows[1]["bytes_down"] > 1.9 * rows[0]["bytes_down"]  # the old global model travels
     assert any(v > 0 for v in rows[1]["state_from"].values())
     assert (out / "tasks.png").is_file()
+
+
+def test_a_label_flip_stays_within_the_tasks_classes():
+    from fedkd.faults import flip_labels
+
+    assert flip_labels(torch.tensor([7, 3, 3, 5]), 10, (7, 5, 3)).tolist() == [3, 7, 7, 5]
+    assert flip_labels(torch.tensor([0, 9, 4]), 10).tolist() == [9, 0, 5]
