@@ -25,6 +25,7 @@ SHRINK = {
     "fml": [],
     "fedkd": [],
     "fedgh": [],
+    "finetune": ["tasks.classes-per-task=5", "tasks.rounds-per-task=1"],  # 2 tasks of 1 round
 }
 
 
