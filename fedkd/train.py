@@ -305,6 +305,16 @@ class LocalRule:
 LOCAL_RULES: Registry[type[LocalRule]] = Registry("local-training rule", "fedkd.rules")
 
 
+def frozen_copy(model: nn.Module, weights: State | None = None) -> nn.Module:
+    """A frozen copy of ``model`` (eval mode), holding ``weights`` (its whole state dict) when given."""
+    ref = copy.deepcopy(model)
+    if weights is not None:
+        ref.load_state_dict(weights, strict=True)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
 def _params(model: nn.Module) -> State:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -400,17 +410,8 @@ class MoonRule(LocalRule):
     ) -> None:
         super().__init__(model, cfg, server, state)
         self.mu, self.temperature = float(mu), float(temperature)
-        self.glob = self._frozen(model, None)
-        self.prev = self._frozen(model, state) if state is not None else None
-
-    @staticmethod
-    def _frozen(model: nn.Module, state: State | None) -> nn.Module:
-        ref = copy.deepcopy(model)
-        if state is not None:
-            ref.load_state_dict(state, strict=True)
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref.eval()
+        self.glob = frozen_copy(model)
+        self.prev = frozen_copy(model, state) if state is not None else None
 
     def loss(self, model: nn.Module, x: Tensor, features: Tensor | None, logits: Tensor, y: Tensor) -> Tensor | None:
         if self.prev is None or self.mu == 0 or features is None:
@@ -853,15 +854,6 @@ class FedKDRule(SharedModelRule):
 
 
 # --------------------------------------------------------------------------- class-continual rules
-def frozen_copy(model: nn.Module, weights: State) -> nn.Module:
-    """A frozen copy of ``model`` (eval mode) holding ``weights`` (its whole state dict)."""
-    ref = copy.deepcopy(model)
-    ref.load_state_dict(weights, strict=True)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref.eval()
-
-
 @LOCAL_RULES.register("lwf")
 class LwFRule(LocalRule):
     """Learning without Forgetting's client in a class-continual run (Li & Hoiem, 2017; the

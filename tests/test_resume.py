@@ -143,6 +143,24 @@ def test_resume_bad_input(tmp_path, capsys, setup, extra, fragment):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def kill_after_first_checkpoint(cmd: list[str], out: Path) -> None:
+    """Start ``cmd`` (a ``fedkd run`` into ``out``) and SIGKILL its process group 0.3 s after its
+    first checkpoint appears, i.e. during the next round."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (checkpoint.checkpoints(out) if out.is_dir() else []):
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next round
+        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 SCAFFOLD = [*BASE, "strategy.name=scaffold", "clients.fraction=0.5", "rounds=5", "clients.threads=1"]
 
 
@@ -163,19 +181,7 @@ def test_kill_9_mid_round_then_resume(tmp_path, sets, engine):
     # same engine (local and ray agree on accuracy, not on the last bits of the train loss)
     ref = subprocess.run([*fedkd, *argv(full, sets), *engine], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = subprocess.Popen([*fedkd, *argv(cut, sets), *engine], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(checkpoint.checkpoints(cut) if cut.is_dir() else []) < 1:
-            time.sleep(0.05)
-        time.sleep(0.3)  # into the next round
-        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_after_first_checkpoint([*fedkd, *argv(cut, sets), *engine], cut)
     assert not (cut / "summary.json").exists()
     res = subprocess.run([*fedkd, "run", "--resume", str(cut)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -6,11 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +24,7 @@ from fedkd.errors import ConfigError
 from fedkd.train import EWCRule, LocalTrainConfig, LwFRule, fisher_diagonal, train_local
 from strategies import STRATEGIES
 from tests.conftest import REPO
+from tests.test_resume import kill_after_first_checkpoint
 
 TASKS = ["tasks.classes-per-task=2", "rounds=10"]
 
@@ -324,19 +322,7 @@ def test_kill_9_at_a_task_boundary_then_resume(tmp_path):
 
     ref = subprocess.run([*fedkd, *argv(full)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = subprocess.Popen([*fedkd, *argv(cut)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (checkpoint.checkpoints(cut) if cut.is_dir() else []):
-            time.sleep(0.05)
-        time.sleep(0.3)  # into the first round of the second task
-        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_after_first_checkpoint([*fedkd, *argv(cut)], cut)  # during the first round of the second task
     assert [p.name for p in checkpoint.checkpoints(cut)] == ["checkpoint-00003.pt"]
     res = subprocess.run([*fedkd, "run", "--resume", str(cut)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
